@@ -1,0 +1,128 @@
+"""Train one LoRA adapter per domain on the frozen base and save it as a standard PEFT adapter folder."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from temporal_lora.config import AdapterConfig, TrainConfig
+
+# Domain names are also PEFT adapter names and server model names; these would collide.
+RESERVED_NAMES = ("default", "base", "auto")
+
+
+def lora_config(model: nn.Module, cfg: AdapterConfig):
+    """A PEFT LoraConfig for this architecture. GPT-2's Conv1D layers need fan_in_fan_out=True."""
+    from peft import LoraConfig
+
+    is_gpt2 = getattr(model.config, "model_type", "") == "gpt2"
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        fan_in_fan_out=is_gpt2,
+    )
+
+
+def train_adapter(
+    model: nn.Module,
+    chunks: list[list[int]],
+    out_dir: Path,
+    cfg: TrainConfig,
+    *,
+    desc: str = "adapter",
+    progress: bool = True,
+) -> dict:
+    """Train one LoRA adapter on `chunks` (equal-length token windows) and save it to `out_dir`.
+
+    The base model is modified in place while training (PEFT injects LoRA layers) and restored
+    with `unload()` afterwards, so the next domain starts from the same frozen base. Training runs
+    through accelerate: under `accelerate launch` the same code uses every GPU/process.
+    Returns a JSON-ready training summary.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from peft import get_peft_model
+    from tqdm.auto import tqdm
+
+    if not chunks:
+        raise ValueError("no training chunks")
+    set_seed(cfg.seed)
+    accelerator = Accelerator()
+    peft_model = get_peft_model(model, lora_config(model, cfg.adapter))
+    data = torch.tensor(chunks, dtype=torch.long)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(data),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=len(data) >= cfg.batch_size,
+        generator=generator,
+    )
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg.warmup_steps, cfg.steps))
+    peft_model, optimizer, loader, scheduler = accelerator.prepare(peft_model, optimizer, loader, scheduler)
+
+    peft_model.train()
+    losses: list[float] = []
+    tokens = 0
+    start = time.perf_counter()
+    bar = tqdm(total=cfg.steps, desc=desc, disable=not (progress and accelerator.is_main_process))
+    batches = _cycle(loader)
+    for _ in range(cfg.steps):
+        (input_ids,) = next(batches)
+        loss = peft_model(input_ids=input_ids, labels=input_ids).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        tokens += input_ids.numel() * accelerator.num_processes
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    seconds = time.perf_counter() - start
+    peft_model.eval()
+
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(peft_model)
+    if accelerator.is_main_process:
+        # Adapter name "default" makes PEFT write the files at the top of out_dir.
+        unwrapped.save_pretrained(out_dir, safe_serialization=True)
+    accelerator.wait_for_everyone()
+    unwrapped.unload()  # removes the LoRA layers; base weights were frozen, so the base is unchanged
+    tail = losses[-max(1, len(losses) // 5) :]
+    return {
+        "steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "block_size": len(chunks[0]),
+        "train_chunks": len(chunks),
+        "tokens_seen": tokens,
+        "first_loss": round(losses[0], 4),
+        "final_loss": round(sum(tail) / len(tail), 4),
+        "seconds": round(seconds, 2),
+        "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
+        "processes": accelerator.num_processes,
+    }
+
+
+def _cycle(loader):
+    while True:
+        yield from loader
+
+
+def _warmup_cosine(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor

@@ -1,0 +1,184 @@
+"""`tlora`: a thin command line over the library. Each command parses, calls one function, prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from temporal_lora.errors import TemporalLoRAError
+
+DEFAULT_DOMAINS = "medical,legal,technical,code,literature"
+
+
+def _add_base(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default=None,
+                   help="base model: HF id, local dir or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tlora", description=(
+        "Temporal LoRA: one frozen base model, one LoRA adapter per domain, a router that picks or mixes them."))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("fetch", help="download the default model and built-in corpora into the cache")
+    p.add_argument("--domains", default=DEFAULT_DOMAINS, help="built-in corpora to fetch (comma-separated)")
+    p.add_argument("--no-model", action="store_true", help="skip the base model")
+
+    p = sub.add_parser("train", help="train one adapter per domain plus the router; write a bundle")
+    p.add_argument("--domains", default=DEFAULT_DOMAINS, help="comma-separated domain names, in order")
+    p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
+    _add_base(p)
+    p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
+                   help="corpus for a domain: folder of .txt/.md files or JSONL with a 'text' field (repeatable)")
+    p.add_argument("--budget", default="quick", choices=["quick", "full"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--router-features", default=None,
+                   help="'embeddings' or 'hidden:LAYER' (default: hidden state of the middle layer)")
+    p.add_argument("--abstain-threshold", type=float, default=None,
+                   help="calibrated confidence below which the plain base model answers (default 0: never)")
+
+    p = sub.add_parser("route", help="route texts; one JSON object per input on stdout")
+    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("texts", nargs="*", metavar="TEXT")
+    p.add_argument("--jsonl", type=Path, help="read inputs from a JSONL file with a 'text' field")
+
+    p = sub.add_parser("generate", help="generate with routed adapters; prints the text and its route")
+    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("prompt", nargs="+", metavar="PROMPT")
+    p.add_argument("--mode", default="hard", choices=["hard", "soft", "topk"])
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--domain", default=None, help="force one domain's adapter ('base' for none)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+
+    p = sub.add_parser("eval", help="evaluate a bundle on its test documents; write the report")
+    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--chunks", type=int, default=None, help="test chunks per domain for perplexity")
+    p.add_argument("--router-chunks", type=int, default=60, help="test chunks per domain for routing")
+
+    p = sub.add_parser("demo", help="fetch, train (quick budget), evaluate and show samples")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--budget", default="quick", choices=["quick", "full"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--domains", default=DEFAULT_DOMAINS)
+    _add_base(p)
+    return parser
+
+
+def _domains(text: str) -> list[str]:
+    return [d.strip() for d in text.split(",") if d.strip()]
+
+
+def cmd_fetch(args) -> None:
+    from temporal_lora.backbone import default_model_dir
+    from temporal_lora.corpora import fetch_builtin
+
+    fetch_builtin(_domains(args.domains))
+    if not args.no_model:
+        print(f"base model: {default_model_dir()}")
+
+
+def cmd_train(args) -> None:
+    from temporal_lora.corpora import parse_data_spec
+    from temporal_lora.train import train_bundle
+
+    data = dict(parse_data_spec(spec) for spec in args.data)
+    tl = train_bundle(_domains(args.domains), args.out, base=args.base, data=data, budget=args.budget,
+                      seed=args.seed, router_features=args.router_features,
+                      abstain_threshold=args.abstain_threshold)
+    print(f"bundle written to {args.out} (domains: {', '.join(tl.domains)}; router: {tl.feature_spec})")
+
+
+def _read_jsonl_texts(path: Path) -> list[str]:
+    from temporal_lora.errors import InputError
+
+    if not path.is_file():
+        raise InputError(f"{path} does not exist")
+    texts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="strict").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path} line {n} is not valid JSON: {exc.msg}") from exc
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise InputError(f"{path} line {n} has no string 'text' field")
+        texts.append(obj["text"])
+    return texts
+
+
+def cmd_route(args) -> None:
+    from temporal_lora.errors import InputError
+    from temporal_lora.model import TemporalLoRA
+
+    texts = list(args.texts) + (_read_jsonl_texts(args.jsonl) if args.jsonl else [])
+    if not texts:
+        raise InputError("no input: give TEXT arguments or --jsonl FILE")
+    tl = TemporalLoRA.from_pretrained(args.bundle)
+    for decision in tl.route(texts):
+        print(json.dumps({"domain": decision.domain, "probs": decision.probs, "confidence": decision.confidence,
+                          "abstained": decision.abstained}))
+
+
+def cmd_generate(args) -> None:
+    from temporal_lora.model import TemporalLoRA
+
+    tl = TemporalLoRA.from_pretrained(args.bundle)
+    results = tl.generate(args.prompt, mode=args.mode, top_k=args.top_k, domain=args.domain,
+                          max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                          temperature=args.temperature, seed=args.seed)
+    for g in results:
+        if args.json:
+            print(json.dumps(g.to_dict()))
+        else:
+            used = ", ".join(f"{d}={w:.2f}" for d, w in g.weights.items() if w > 0) or "base model"
+            print(f"[route: {g.route.domain or 'abstained'} ({g.route.confidence:.2f}); adapters: {used}]")
+            print(g.prompt + g.text)
+
+
+def cmd_eval(args) -> None:
+    from temporal_lora.evaluate import evaluate_bundle, markdown_tables
+    from temporal_lora.model import TemporalLoRA
+
+    tl = TemporalLoRA.from_pretrained(args.bundle)
+    report = evaluate_bundle(tl, args.out, ppl_chunks=args.chunks, router_chunks=args.router_chunks)
+    print(markdown_tables(report))
+    print(f"\nreport written to {args.out}/report.json, report.md and PNG plots")
+
+
+def cmd_demo(args) -> None:
+    from temporal_lora.demo import run_demo
+
+    run_demo(args.out, domains=_domains(args.domains), budget=args.budget, seed=args.seed, base=args.base)
+
+
+COMMANDS = {"fetch": cmd_fetch, "train": cmd_train, "route": cmd_route, "generate": cmd_generate,
+            "eval": cmd_eval, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Quieter library logs; our own progress bars and messages say what is happening.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        COMMANDS[args.command](args)
+    except TemporalLoRAError as exc:
+        print(f"tlora: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tlora: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

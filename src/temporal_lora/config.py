@@ -1,0 +1,79 @@
+"""Configuration dataclasses. Everything a run depends on is here and lands in the bundle manifest."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from temporal_lora.errors import InputError
+
+
+@dataclass
+class AdapterConfig:
+    """LoRA hyper-parameters for one domain adapter (mapped 1:1 onto a PEFT LoraConfig)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    # None lets PEFT pick the architecture's defaults (q_proj/v_proj for Llama, c_attn for GPT-2).
+    target_modules: list[str] | None = None
+
+
+@dataclass
+class RouterConfig:
+    """The gating network and where its features come from."""
+
+    # "embeddings" (mean-pooled input embeddings, the method's sketch) or "hidden:L" (mean-pooled
+    # output of decoder layer L; L=-1 means the middle layer). Hidden states generalise far better
+    # to text from other sources than the training corpus (see DESIGN.md).
+    features: str = "hidden:-1"
+    hidden_dim: int = 128  # 0 means plain logistic regression
+    max_tokens: int = 128  # the router reads at most this many leading tokens
+    train_lengths: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
+    epochs: int = 300
+    lr: float = 3e-3
+    weight_decay: float = 1e-3
+    abstain_threshold: float = 0.0  # calibrated confidence below this -> plain base model
+
+
+@dataclass
+class TrainConfig:
+    """Budget for training adapters and the router, and for evaluation."""
+
+    budget: str = "quick"
+    block_size: int = 128
+    batch_size: int = 4
+    steps: int = 40
+    lr: float = 1e-3
+    warmup_steps: int = 4
+    router_chunks: int = 60  # per domain, from training documents
+    calib_chunks: int = 20  # per domain, from validation documents (temperature scaling)
+    eval_chunks: int = 24  # per domain, from test documents
+    seed: int = 0
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+BUDGETS = ("quick", "full")
+
+
+def budget_config(budget: str = "quick", seed: int = 0) -> TrainConfig:
+    """The preset for `--budget quick|full`. `quick` fits the demo's 30 minutes on a 2-core CPU."""
+    if budget == "quick":
+        return TrainConfig(budget=budget, seed=seed)
+    if budget == "full":
+        return TrainConfig(
+            budget=budget,
+            seed=seed,
+            batch_size=8,
+            steps=600,
+            lr=5e-4,
+            warmup_steps=30,
+            router_chunks=400,
+            calib_chunks=100,
+            eval_chunks=100,
+            adapter=AdapterConfig(r=16, alpha=32),
+        )
+    raise InputError(f"unknown budget {budget!r}; choose from {', '.join(BUDGETS)}")

@@ -1,0 +1,220 @@
+"""Built-in corpora (extracted once into the cache) and user corpora (a folder or a JSONL file)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from temporal_lora.cache import atomic_write_text, cache_dir
+from temporal_lora.errors import CorpusError
+
+BUILTIN_DOMAINS: tuple[str, ...] = ("medical", "legal", "technical", "code", "literature")
+
+USER_SUFFIXES = (".txt", ".md")
+_DOMAIN_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+
+
+@dataclass(frozen=True)
+class Document:
+    """One text of a corpus. Documents sharing a `group` are near-identical or closely related
+    (versions of one licence, pages of one docs section) and always land in the same split."""
+
+    id: str
+    text: str
+    group: str
+
+
+# --- built-in corpora -------------------------------------------------------------------------
+
+
+def load_builtin(name: str, progress: bool = True) -> list[Document]:
+    """Documents of a built-in domain; downloads and extracts on first use, then reads the cache."""
+    _check_builtin(name)
+    path = _cache_file(name)
+    if path.exists():
+        docs = _read_cache(path)
+        if docs:
+            return docs
+        # An unreadable cache file can only come from tampering or a foreign writer: rebuild it.
+    docs = _extract(name, progress)
+    _write_cache(path, docs)
+    return docs
+
+
+def fetch_builtin(names: Iterable[str]) -> None:
+    """Download and extract the given built-in domains into the cache (for `tlora fetch`)."""
+    names = list(names)
+    for name in names:  # fail before downloading anything if one name is wrong
+        _check_builtin(name)
+    for name in names:
+        load_builtin(name, progress=True)
+
+
+def _check_builtin(name: str) -> None:
+    if name not in BUILTIN_DOMAINS:
+        raise CorpusError(
+            f"unknown built-in domain {name!r}; choose from {', '.join(BUILTIN_DOMAINS)}"
+        )
+
+
+def _cache_file(name: str) -> Path:
+    return cache_dir() / "corpora" / f"{name}.jsonl"
+
+
+def _extract(name: str, progress: bool) -> list[Document]:
+    # Imported lazily: each extractor pulls in its own archive readers, and importing this
+    # package must stay cheap.
+    module = importlib.import_module(f"temporal_lora.corpora.{name}")
+    docs: list[Document] = module.extract(progress=progress)
+    if not docs:
+        raise CorpusError(f"built-in domain {name!r} produced no documents")
+    return docs
+
+
+def _write_cache(path: Path, docs: list[Document]) -> None:
+    lines = (json.dumps(asdict(doc), ensure_ascii=False) for doc in docs)
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _read_cache(path: Path) -> list[Document] | None:
+    try:
+        with path.open(encoding="utf-8") as fh:
+            return [Document(**json.loads(line)) for line in fh if line.strip()]
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def progress_bar(
+    iterable: Iterable[Any] | None = None,
+    *,
+    desc: str,
+    unit: str = " docs",
+    total: int | None = None,
+    enabled: bool = True,
+) -> Any:
+    """A tqdm bar on stderr, or a silent stand-in when `enabled` is false."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, unit=unit, total=total, disable=not enabled, leave=False)
+
+
+# --- user corpora -----------------------------------------------------------------------------
+
+
+def load_user_corpus(path: str | Path) -> list[Document]:
+    """Documents from a folder (every .txt/.md file below it, one document each, grouped by
+    relative path) or a .jsonl file (a string `text` per line, optional `id` and `group`)."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise CorpusError(f"corpus path {root} does not exist")
+    if root.is_dir():
+        return _load_folder(root)
+    if root.suffix.lower() == ".jsonl":
+        return _load_jsonl(root)
+    raise CorpusError(f"corpus path {root} must be a folder of .txt/.md files or a .jsonl file")
+
+
+def _load_folder(root: Path) -> list[Document]:
+    files = sorted(_text_files(root))
+    if not files:
+        raise CorpusError(f"no .txt or .md files under {root}")
+    docs = []
+    for file in files:
+        text = _decode(file.read_bytes(), file).strip()
+        if text:
+            rel = file.relative_to(root).as_posix()
+            docs.append(Document(id=rel, text=text, group=rel))
+    if not docs:
+        raise CorpusError(f"all {len(files)} .txt/.md files under {root} are empty")
+    return docs
+
+
+def _text_files(root: Path) -> Iterator[Path]:
+    for file in root.rglob("*"):
+        rel_parts = file.relative_to(root).parts
+        # Hidden files and folders (.git, editor swap files) are never corpus text.
+        if any(part.startswith(".") for part in rel_parts):
+            continue
+        if file.is_file() and file.suffix.lower() in USER_SUFFIXES:
+            yield file
+
+
+def _load_jsonl(file: Path) -> list[Document]:
+    raw = file.read_bytes()
+    content = _decode(raw, file)
+    docs = []
+    for lineno, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        doc = _jsonl_document(line, file, lineno)
+        if doc.text:
+            docs.append(doc)
+    if not docs:
+        raise CorpusError(f"{file} has no non-empty 'text' fields")
+    return docs
+
+
+def _jsonl_document(line: str, file: Path, lineno: int) -> Document:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise CorpusError(f"{file}, line {lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise CorpusError(f"{file}, line {lineno}: needs a string 'text' field")
+    doc_id = _optional_str(record, "id", file, lineno) or f"line-{lineno}"
+    group = _optional_str(record, "group", file, lineno) or doc_id
+    return Document(id=doc_id, text=record["text"].strip(), group=group)
+
+
+def _optional_str(record: dict[str, Any], key: str, file: Path, lineno: int) -> str | None:
+    value = record.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise CorpusError(f"{file}, line {lineno}: '{key}' must be a string or an integer")
+    return str(value)
+
+
+def _decode(raw: bytes, file: Path) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise CorpusError(
+            f"{file} is not UTF-8 text (undecodable byte at line {line}); re-save it as UTF-8"
+        ) from None
+
+
+# --- choosing a corpus for a domain -----------------------------------------------------------
+
+
+def parse_data_spec(spec: str) -> tuple[str, Path]:
+    """Split a `NAME=PATH` command-line value into a domain name and a path."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path.strip():
+        raise CorpusError(
+            f"malformed data spec {spec!r}; expected NAME=PATH, e.g. notes=./my-notes"
+        )
+    if not _DOMAIN_NAME.fullmatch(name):
+        raise CorpusError(
+            f"invalid domain name {name!r} in {spec!r}; "
+            "use lowercase letters, digits, '-' and '_' (starting with a letter or digit)"
+        )
+    return name, Path(path.strip()).expanduser()
+
+
+def load_domain(name: str, data_paths: Mapping[str, Path], progress: bool = True) -> list[Document]:
+    """The user's corpus for `name` when a path was given for it, else the built-in corpus."""
+    if name in data_paths:
+        return load_user_corpus(data_paths[name])
+    if name in BUILTIN_DOMAINS:
+        return load_builtin(name, progress=progress)
+    raise CorpusError(
+        f"unknown domain {name!r}: not a built-in domain ({', '.join(BUILTIN_DOMAINS)}) "
+        f"and no data given for it (pass {name}=PATH)"
+    )

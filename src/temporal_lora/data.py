@@ -1,0 +1,247 @@
+"""Corpus preparation: duplicate removal, group-aware splits and fixed-size token chunks."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from temporal_lora.corpora import Document
+from temporal_lora.errors import CorpusError
+
+# --- near-duplicate removal -------------------------------------------------------------------
+
+SHINGLE_WORDS = 5
+NUM_PERM = 128
+_ROWS_BLOCK = 4096  # shingles hashed at once; bounds memory on a 30k-word play
+
+_rng = np.random.default_rng(0x7E1F)  # fixed: signatures must not change between runs
+# Odd multipliers are invertible mod 2**64, so no input bits are thrown away.
+_SHINGLE_MULT = _rng.integers(0, 2**63, size=SHINGLE_WORDS, dtype=np.uint64) * 2 + 1
+_PERM_A = _rng.integers(0, 2**63, size=NUM_PERM, dtype=np.uint64) * 2 + 1
+_PERM_B = _rng.integers(0, 2**63, size=NUM_PERM, dtype=np.uint64)
+
+
+def dedupe(docs: Sequence[Document], threshold: float = 0.8) -> list[Document]:
+    """Drop exact duplicates (ignoring case and whitespace) and near-duplicates, keeping the first.
+
+    Near-duplicates are pairs whose word 5-gram sets have an estimated Jaccard similarity of at
+    least `threshold` (MinHash, 128 permutations, with LSH banding to find candidate pairs).
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    index = _LshIndex(threshold)
+    vocab: dict[str, int] = {}
+    exact: set[bytes] = set()
+    kept = []
+    for doc in docs:
+        words = doc.text.lower().split()
+        digest = hashlib.blake2b(" ".join(words).encode(), digest_size=16).digest()
+        if digest in exact:
+            continue
+        exact.add(digest)
+        if words:
+            signature = _minhash(_word_ids(words, vocab))
+            if index.has_near_duplicate(signature):
+                continue
+            index.add(signature)
+        kept.append(doc)
+    return kept
+
+
+def _word_ids(words: list[str], vocab: dict[str, int]) -> np.ndarray:
+    ids = np.fromiter((vocab.setdefault(w, len(vocab)) for w in words), np.uint64, len(words))
+    return ids + np.uint64(1)  # no word maps to 0, so short-text padding never collides
+
+
+def _minhash(ids: np.ndarray) -> np.ndarray:
+    """MinHash signature (NUM_PERM uint32 values) of the set of word 5-gram shingles."""
+    if len(ids) < SHINGLE_WORDS:  # a very short text is one shingle of all its words
+        ids = np.concatenate([ids, np.zeros(SHINGLE_WORDS - len(ids), np.uint64)])
+    n = len(ids) - SHINGLE_WORDS + 1
+    shingles = np.zeros(n, np.uint64)
+    for k in range(SHINGLE_WORDS):  # order-sensitive combination; wraps mod 2**64 on purpose
+        shingles += ids[k : k + n] * _SHINGLE_MULT[k]
+    shingles = _mix64(shingles)
+    signature = np.full(NUM_PERM, np.iinfo(np.uint64).max, np.uint64)
+    for start in range(0, n, _ROWS_BLOCK):
+        block = shingles[start : start + _ROWS_BLOCK, None] * _PERM_A + _PERM_B
+        np.minimum(signature, block.min(axis=0), out=signature)
+    # Multiply-shift hashing: the high 32 bits are the well-mixed ones.
+    return (signature >> np.uint64(32)).astype(np.uint32)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser, so that similar shingle sums get unrelated hashes."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _band_rows(threshold: float) -> int:
+    """Rows per LSH band: the largest whose candidate threshold (1/b)**(1/r) lies safely below
+    `threshold`, so true near-duplicates almost always share a band."""
+    for rows in (16, 8, 4, 2):
+        if (rows / NUM_PERM) ** (1 / rows) <= threshold - 0.05:
+            return rows
+    return 1
+
+
+class _LshIndex:
+    """Signatures of the kept documents, bucketed by band so candidates are found in O(bands)."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self.rows = _band_rows(threshold)
+        self.buckets: list[dict[bytes, list[int]]] = [{} for _ in range(NUM_PERM // self.rows)]
+        self.signatures: list[np.ndarray] = []
+
+    def _keys(self, signature: np.ndarray) -> list[bytes]:
+        return [signature[i : i + self.rows].tobytes() for i in range(0, NUM_PERM, self.rows)]
+
+    def has_near_duplicate(self, signature: np.ndarray) -> bool:
+        candidates = set()
+        for bucket, key in zip(self.buckets, self._keys(signature), strict=True):
+            candidates.update(bucket.get(key, ()))
+        if not candidates:
+            return False
+        others = np.stack([self.signatures[i] for i in candidates])
+        return bool(((others == signature).mean(axis=1) >= self.threshold).any())
+
+    def add(self, signature: np.ndarray) -> None:
+        for bucket, key in zip(self.buckets, self._keys(signature), strict=True):
+            bucket.setdefault(key, []).append(len(self.signatures))
+        self.signatures.append(signature)
+
+
+# --- splits -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Splits:
+    train: list[Document]
+    val: list[Document]
+    test: list[Document]
+
+
+def split_documents(
+    docs: Sequence[Document],
+    *,
+    seed: int,
+    val_frac: float = 0.1,
+    test_frac: float = 0.1,
+    min_each: int = 1,
+) -> Splits:
+    """Split into train/val/test by `group`: all documents of a group land in the same split.
+
+    Groups are shuffled with `seed`; each split first gets `min_each` groups, then each further
+    group goes to test, else val, if it still fits in that split's fraction of the documents,
+    else to train. The result depends only on the documents and the seed, not on their order.
+    """
+    if val_frac < 0 or test_frac < 0 or val_frac + test_frac >= 1:
+        raise ValueError("val_frac and test_frac must be >= 0 and sum to less than 1")
+    by_group: dict[str, list[Document]] = defaultdict(list)
+    for doc in docs:
+        by_group[doc.group].append(doc)
+    if len(by_group) < 3 * min_each:
+        raise CorpusError(
+            f"splitting into train/val/test needs at least {3 * min_each} documents/groups, "
+            f"got {len(by_group)} group(s) in {len(docs)} document(s)"
+        )
+    groups = sorted(by_group)
+    random.Random(seed).shuffle(groups)
+
+    seeded = 3 * min_each
+    split_of = {g: ("test", "val", "train")[i // min_each] for i, g in enumerate(groups[:seeded])}
+    sizes = {"test": 0, "val": 0, "train": 0}
+    for group, split in split_of.items():
+        sizes[split] += len(by_group[group])
+    targets = {"test": test_frac * len(docs), "val": val_frac * len(docs)}
+    for group in groups[seeded:]:
+        # A group that would overshoot its split's share goes to train instead, so one big
+        # group (all of distutils, all release notes) cannot double the size of val or test.
+        size = len(by_group[group])
+        split = next((s for s in ("test", "val") if sizes[s] + size <= targets[s]), "train")
+        split_of[group] = split
+        sizes[split] += size
+
+    def pick(split: str) -> list[Document]:
+        return [doc for doc in docs if split_of[doc.group] == split]
+
+    return Splits(train=pick("train"), val=pick("val"), test=pick("test"))
+
+
+# --- chunking ---------------------------------------------------------------------------------
+
+# Generous characters-per-token guess for the first prefix; grown by doubling when short.
+_CHARS_PER_TOKEN = 6
+
+
+def chunk_documents(
+    docs: Sequence[Document],
+    tokenizer: Any,
+    *,
+    block_size: int,
+    max_chunks: int,
+    seed: int,
+) -> list[list[int]]:
+    """Up to `max_chunks` windows of exactly `block_size` token ids, spread over the documents.
+
+    Each document is cut into consecutive non-overlapping windows (the short tail is dropped).
+    Documents are shuffled with `seed` and visited round-robin: every document's first window,
+    then every document's second one, and so on, so one long document cannot dominate. Text is
+    tokenized lazily, and long documents only as far as the windows taken from them.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    streams = {i: _TokenStream(docs[i].text, tokenizer) for i in order}
+    chunks: list[list[int]] = []
+    window = 0
+    while streams and len(chunks) < max_chunks:
+        for i in list(streams):
+            piece = streams[i].window(window, block_size)
+            if piece is None:
+                del streams[i]  # exhausted; also frees its tokens
+                continue
+            chunks.append(piece)
+            if len(chunks) == max_chunks:
+                break
+        window += 1
+    return chunks
+
+
+class _TokenStream:
+    """Tokens of one text, produced from a growing prefix of it as later windows are asked for."""
+
+    def __init__(self, text: str, tokenizer: Any):
+        self.text = text
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.chars = 0  # length of the prefix tokenized so far
+
+    def window(self, index: int, size: int) -> list[int] | None:
+        end = (index + 1) * size
+        while len(self.tokens) < end and self.chars < len(self.text):
+            self._extend(max(end * _CHARS_PER_TOKEN, 2 * self.chars))
+        if len(self.tokens) < end:
+            return None
+        return list(self.tokens[end - size : end])
+
+    def _extend(self, limit: int) -> None:
+        if limit >= len(self.text):
+            cut = len(self.text)
+        else:
+            # Cut at whitespace so the words before the cut tokenize as in the full text.
+            cut = max(self.text.rfind(" ", 0, limit), self.text.rfind("\n", 0, limit))
+            cut = cut if cut > self.chars else limit
+        ids = list(self.tokenizer(self.text[:cut], add_special_tokens=False)["input_ids"])
+        # The last token of a cut prefix may be half a word; it is re-read on the next pass.
+        self.tokens = ids if cut == len(self.text) else ids[:-1]
+        self.chars = cut

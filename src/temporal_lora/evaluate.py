@@ -1,0 +1,245 @@
+"""Evaluate a bundle on its held-out test documents: routing quality and perplexity per strategy."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from temporal_lora.cache import atomic_write_text
+from temporal_lora.corpora import load_domain
+from temporal_lora.data import chunk_documents
+from temporal_lora.errors import BundleError, CorpusError
+from temporal_lora.mixing import one_hot
+from temporal_lora.model import TemporalLoRA
+from temporal_lora.router import prefix_features
+
+LENGTHS = (8, 16, 32, 64, 128)
+STRATEGIES = ("base", "oracle", "routed", "soft")
+
+
+def test_chunks(tl: TemporalLoRA, n: int, *, block_size: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Chunks of each domain's *test* documents, as recorded in the bundle at training time."""
+    splits = tl.info.get("data") or {}
+    result = {}
+    for domain in tl.domains:
+        info = splits.get(domain)
+        if not info:
+            raise BundleError(f"bundle has no recorded test split for domain {domain!r}")
+        source = info["source"]
+        paths = {domain: Path(source.removeprefix("path:"))} if source.startswith("path:") else {}
+        wanted = set(info["test_ids"])
+        docs = [d for d in load_domain(domain, paths) if d.id in wanted]
+        if not docs:
+            raise CorpusError(f"the test documents of {domain!r} are no longer in {source}")
+        chunks = chunk_documents(docs, tl.tokenizer, block_size=block_size, max_chunks=n, seed=seed)
+        if not chunks:
+            raise CorpusError(f"no test document of {domain!r} is {block_size} tokens long")
+        result[domain] = torch.tensor(chunks, dtype=torch.long)
+    return result
+
+
+def router_metrics(tl: TemporalLoRA, sets: dict[str, torch.Tensor], lengths=LENGTHS) -> dict:
+    """Accuracy by prompt length (prefixes of the same test chunks), confusion, macro-F1, ECE."""
+    block = min(len(c[0]) for c in sets.values())
+    lengths = [n for n in lengths if n <= block]
+    probs_by_len, labels = [], []
+    for label, domain in enumerate(tl.domains):
+        with tl.mixer.weights(None):
+            feats = prefix_features(tl.model, tl.feature_spec, sets[domain], lengths)
+        with torch.no_grad():
+            probs_by_len.append(torch.stack([tl.router(f) for f in feats]))
+        labels.append(torch.full((len(sets[domain]),), label))
+    probs = torch.cat(probs_by_len, dim=1)  # [lengths, n, domains]
+    y = torch.cat(labels)
+    k = len(tl.domains)
+    by_length = {}
+    for i, n in enumerate(lengths):
+        by_length[str(n)] = round(float((probs[i].argmax(-1) == y).float().mean()), 4)
+    full = probs[-1]
+    pred = full.argmax(-1)
+    confusion = torch.zeros(k, k, dtype=torch.long)
+    for t, p in zip(y.tolist(), pred.tolist(), strict=True):
+        confusion[t, p] += 1
+    f1s = []
+    for c in range(k):
+        tp = int(confusion[c, c])
+        prec = tp / max(1, int(confusion[:, c].sum()))
+        rec = tp / max(1, int(confusion[c].sum()))
+        f1s.append(0.0 if tp == 0 else 2 * prec * rec / (prec + rec))
+    threshold = tl.router_config.abstain_threshold
+    return {
+        "accuracy": by_length[str(lengths[-1])],
+        "accuracy_by_length": by_length,
+        "macro_f1": round(sum(f1s) / k, 4),
+        "confusion": confusion.tolist(),
+        "confusion_length": lengths[-1],
+        "ece": round(expected_calibration_error(full, y), 4),
+        "abstain_threshold": threshold,
+        "abstained_fraction": round(float((full.max(-1).values < threshold).float().mean()), 4),
+        "test_chunks": {d: len(sets[d]) for d in tl.domains},
+        "_probs_full": full,  # used for routed/soft perplexity, dropped before writing
+    }
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 10) -> float:
+    conf, pred = probs.max(-1)
+    correct = (pred == labels).float()
+    ece = 0.0
+    edges = torch.linspace(0, 1, bins + 1)
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        sel = (conf > lo) & (conf <= hi)
+        if sel.any():
+            ece += float(sel.float().mean()) * abs(float(correct[sel].mean()) - float(conf[sel].mean()))
+    return ece
+
+
+def perplexities(tl: TemporalLoRA, sets: dict[str, torch.Tensor], progress: bool = True) -> dict:
+    """Test perplexity per domain for base, oracle (true adapter), routed (hard) and soft."""
+    from tqdm.auto import tqdm
+
+    result = {s: {} for s in STRATEGIES}
+    k = len(tl.domains)
+    bar = tqdm(total=len(tl.domains) * 3, desc="perplexity", disable=not progress)
+    for label, domain in enumerate(tl.domains):
+        chunks = sets[domain]
+        n, tokens = len(chunks), chunks[:, 1:].numel()
+        probs = tl.route_probs(chunks.tolist())
+        nll = {"base": tl.token_nll(chunks, torch.zeros(n, k))}
+        bar.update(1)
+        nll["oracle"] = tl.token_nll(chunks, one_hot([label] * n, k))
+        bar.update(1)
+        # Hard routing applies exactly the oracle's adapter wherever the router is right, so only
+        # the misrouted (or abstained) chunks need their own forward pass.
+        hard = tl.mix_weights(probs, "hard")
+        routed = nll["oracle"].clone()
+        wrong = (hard[:, label] != 1).nonzero().flatten()
+        if len(wrong):
+            routed[wrong] = tl.token_nll(chunks[wrong], hard[wrong])
+        nll["routed"] = routed
+        nll["soft"] = tl.token_nll(chunks, tl.mix_weights(probs, "soft"))
+        bar.update(1)
+        for strategy in STRATEGIES:
+            result[strategy][domain] = round(math.exp(float(nll[strategy].sum()) / tokens), 4)
+    bar.close()
+    return result
+
+
+def evaluate_bundle(tl: TemporalLoRA, out_dir: str | Path | None = None, *, ppl_chunks: int | None = None,
+                    router_chunks: int = 60, seed: int = 0, progress: bool = True) -> dict:
+    """Run the evaluation; write report.json, report.md and plots to `out_dir` if given."""
+    timing: dict[str, float] = {}
+    cfg = tl.info.get("train_config") or {}
+    ppl_chunks = ppl_chunks or cfg.get("eval_chunks", 24)
+    block = cfg.get("block_size", 128)
+    t0 = time.perf_counter()
+    router_sets = test_chunks(tl, max(router_chunks, ppl_chunks), block_size=block, seed=seed)
+    ppl_sets = {d: c[:ppl_chunks] for d, c in router_sets.items()}
+    timing["load_test_data"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    router = router_metrics(tl, router_sets)
+    router.pop("_probs_full")
+    timing["router_eval"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ppl = perplexities(tl, ppl_sets, progress=progress)
+    timing["perplexity_eval"] = time.perf_counter() - t0
+    report = {
+        "domains": tl.domains,
+        "base_model": tl.base_id,
+        "router_features": tl.feature_spec,
+        "router": router,
+        "perplexity": ppl,
+        "perplexity_chunks": {d: len(c) for d, c in ppl_sets.items()},
+        "relative_to_base": {d: round(ppl["oracle"][d] / ppl["base"][d] - 1, 4) for d in tl.domains},
+        "routed_vs_oracle": {d: round(ppl["routed"][d] / ppl["oracle"][d] - 1, 4) for d in tl.domains},
+        "soft_vs_oracle": {d: round(ppl["soft"][d] / ppl["oracle"][d] - 1, 4) for d in tl.domains},
+        "training": tl.info.get("training", {}),
+        "router_training": tl.info.get("router_training", {}),
+        "timing": {**(tl.info.get("timing") or {}), **{k: round(v, 2) for k, v in timing.items()}},
+    }
+    if out_dir is not None:
+        write_report(report, Path(out_dir))
+    return report
+
+
+def markdown_tables(report: dict) -> str:
+    domains = report["domains"]
+    ppl = report["perplexity"]
+    lines = ["| domain | base | oracle | routed | soft | oracle vs base | routed vs oracle |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for d in domains:
+        lines.append(f"| {d} | {ppl['base'][d]:.2f} | {ppl['oracle'][d]:.2f} | {ppl['routed'][d]:.2f} | "
+                     f"{ppl['soft'][d]:.2f} | {report['relative_to_base'][d]:+.1%} | {report['routed_vs_oracle'][d]:+.2%} |")
+    acc = report["router"]["accuracy_by_length"]
+    lines += ["", "| prompt tokens | " + " | ".join(acc) + " |", "|---|" + "---:|" * len(acc),
+              "| router accuracy | " + " | ".join(f"{v:.1%}" for v in acc.values()) + " |"]
+    conf = report["router"]["confusion"]
+    lines += ["", f"Confusion at {report['router']['confusion_length']} tokens (rows: true, columns: routed)", "",
+              "| true \\ routed | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
+    lines += [f"| {d} | " + " | ".join(str(v) for v in row) + " |" for d, row in zip(domains, conf, strict=True)]
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
+    timing = "\n".join(f"| {k} | {v:.1f} |" for k, v in report["timing"].items())
+    md = (f"# Temporal LoRA evaluation\n\nBase model: `{report['base_model']}`; router features: "
+          f"`{report['router_features']}`; router accuracy {report['router']['accuracy']:.1%} "
+          f"(macro-F1 {report['router']['macro_f1']:.3f}, ECE {report['router']['ece']:.3f}).\n\n"
+          f"Perplexity on held-out test documents:\n\n{markdown_tables(report)}\n\n"
+          f"## Where the time went (seconds)\n\n| phase | seconds |\n|---|---:|\n{timing}\n")
+    atomic_write_text(out_dir / "report.md", md)
+    plot_report(report, out_dir)
+
+
+def plot_report(report: dict, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = report["domains"]
+    conf = report["router"]["confusion"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(domains) + 2, 1.1 * len(domains) + 1.5))
+    ax.imshow(conf, cmap="Blues")
+    for i, row in enumerate(conf):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center", color="black" if v < max(map(max, conf)) / 2 else "white")
+    ax.set_xticks(range(len(domains)), domains, rotation=30, ha="right")
+    ax.set_yticks(range(len(domains)), domains)
+    ax.set_xlabel("routed to")
+    ax.set_ylabel("true domain")
+    ax.set_title(f"Router confusion ({report['router']['confusion_length']} tokens)")
+    fig.tight_layout()
+    fig.savefig(out_dir / "confusion.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(1.6 * len(domains) + 2, 4))
+    width = 0.2
+    for i, strategy in enumerate(STRATEGIES):
+        values = [report["perplexity"][strategy][d] for d in domains]
+        ax.bar([x + (i - 1.5) * width for x in range(len(domains))], values, width, label=strategy)
+    ax.set_xticks(range(len(domains)), domains)
+    ax.set_ylabel("test perplexity (lower is better)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("Perplexity per domain and strategy")
+    fig.tight_layout()
+    fig.savefig(out_dir / "perplexity.png", dpi=110)
+    plt.close(fig)
+
+    acc = report["router"]["accuracy_by_length"]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([int(n) for n in acc], list(acc.values()), marker="o")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("router accuracy")
+    ax.set_ylim(min(0.5, min(acc.values()) - 0.05), 1.01)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy_by_length.png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,319 @@
+"""TemporalLoRA: a frozen base model, one PEFT adapter per domain, a router; route, generate, score."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from temporal_lora import __version__
+from temporal_lora.backbone import context_length, decoder_layers, fingerprint, load_backbone
+from temporal_lora.bundle import FORMAT, FORMAT_VERSION, MANIFEST, checksums, read_manifest, safe_path, write_atomic_dir
+from temporal_lora.config import RouterConfig
+from temporal_lora.errors import BaseModelMismatchError, BundleError, InputError
+from temporal_lora.mixing import AdapterMixer, one_hot
+from temporal_lora.router import GatingNetwork, pool_prefixes, token_features
+
+MODES = ("hard", "soft", "topk")
+
+
+@dataclass
+class RouteDecision:
+    """What the router decided for one input. `domain` is None when it abstained."""
+
+    domain: str | None
+    probs: dict[str, float]
+    confidence: float
+    abstained: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str
+    mode: str
+    route: RouteDecision
+    weights: dict[str, float]  # the adapter mix actually applied (all zero = base model)
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt, "text": self.text, "mode": self.mode,
+                "route": self.route.to_dict(), "weights": self.weights}
+
+
+class TemporalLoRA:
+    """One frozen base model with one LoRA adapter per domain and a router in front.
+
+    Build it with `temporal_lora.train.train_bundle(...)` or load one with `from_pretrained(dir)`.
+    """
+
+    def __init__(self, peft_model, tokenizer, *, base_id: str, base_fingerprint: str, domains: list[str],
+                 router: GatingNetwork, router_config: RouterConfig, feature_spec: str, info: dict | None = None):
+        self.peft_model = peft_model
+        self.model = peft_model.get_base_model()  # LoRA layers are injected in place
+        self.tokenizer = tokenizer
+        self.base_id = base_id
+        self.base_fingerprint = base_fingerprint
+        self.domains = list(domains)
+        self.router = router.eval()
+        self.router_config = router_config
+        self.feature_spec = feature_spec
+        self.info = info or {}  # training summaries, data splits, history: copied into the manifest
+        self.mixer = AdapterMixer(peft_model, self.domains)
+        self.context_length = context_length(self.model, tokenizer)
+
+    # ---------------------------------------------------------------- construction and disk
+    @classmethod
+    def assemble(cls, base_model, tokenizer, *, base_id: str, adapter_dirs: dict[str, Path],
+                 router: GatingNetwork, router_config: RouterConfig, feature_spec: str,
+                 info: dict | None = None, base_fingerprint: str | None = None) -> TemporalLoRA:
+        """Load standard PEFT adapter folders onto `base_model` and wrap them with a router."""
+        from peft import PeftModel
+
+        base_fingerprint = base_fingerprint or fingerprint(base_model)
+        names = list(adapter_dirs)
+        for name, folder in adapter_dirs.items():
+            if not (Path(folder) / "adapter_model.safetensors").is_file():
+                raise BundleError(f"adapter {name!r} has no adapter_model.safetensors (only safetensors is loaded)")
+        peft_model = PeftModel.from_pretrained(base_model, str(adapter_dirs[names[0]]), adapter_name=names[0])
+        for name in names[1:]:
+            peft_model.load_adapter(str(adapter_dirs[name]), adapter_name=name)
+        peft_model.eval()
+        return cls(peft_model, tokenizer, base_id=base_id, base_fingerprint=base_fingerprint, domains=names,
+                   router=router, router_config=router_config, feature_spec=feature_spec, info=info)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, base: str | None = None) -> TemporalLoRA:
+        """Load a bundle. `base` overrides where the base model is loaded from (same weights required)."""
+        path = Path(path)
+        manifest = read_manifest(path)
+        base_info = manifest["base_model"]
+        model, tokenizer, base_id = load_backbone(base or base_info["id"])
+        found = fingerprint(model)
+        if found != base_info["fingerprint"]:
+            raise BaseModelMismatchError(
+                f"bundle {path} was trained on base model {base_info['id']!r}; "
+                f"{base_id!r} has different weights (fingerprint mismatch)"
+            )
+        domains = list(manifest["domains"])
+        adapter_dirs = {d: safe_path(path, manifest["adapters"][d]["path"]) for d in domains}
+        rinfo = manifest["router"]
+        router_config = RouterConfig(**rinfo["config"])
+        state = load_file(str(safe_path(path, rinfo["path"])))
+        router = GatingNetwork(rinfo["in_dim"], len(domains), router_config.hidden_dim)
+        try:
+            router.load_state_dict(state)
+        except RuntimeError as exc:
+            raise BundleError(f"router weights do not match the manifest: {exc}") from exc
+        info = {k: manifest[k] for k in ("history", "created", "train_config", "timing") if k in manifest}
+        if manifest.get("data"):
+            try:
+                info["data"] = json.loads(safe_path(path, manifest["data"]).read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as exc:
+                raise BundleError(f"bundle data splits unreadable: {exc}") from exc
+        info["training"] = {d: manifest["adapters"][d].get("training", {}) for d in domains}
+        info["router_training"] = rinfo.get("training", {})
+        return cls.assemble(model, tokenizer, base_id=base_info["id"], adapter_dirs=adapter_dirs, router=router,
+                            router_config=router_config, feature_spec=rinfo["features"], info=info,
+                            base_fingerprint=found)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the bundle atomically (temp dir + rename). Returns the path."""
+        path = Path(path)
+
+        def fill(tmp: Path) -> None:
+            self.peft_model.save_pretrained(tmp / "adapters", selected_adapters=self.domains, safe_serialization=True)
+            (tmp / "router").mkdir()
+            save_file({k: v.contiguous() for k, v in self.router.state_dict().items()},
+                      str(tmp / "router" / "router.safetensors"))
+            if self.info.get("data"):
+                (tmp / "data").mkdir()
+                (tmp / "data" / "splits.json").write_text(json.dumps(self.info["data"], indent=1))
+            manifest = self._manifest(tmp)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+
+        write_atomic_dir(path, fill)
+        return path
+
+    def _manifest(self, root: Path) -> dict:
+        adapters = {}
+        for d in self.domains:
+            folder = root / "adapters" / d
+            adapters[d] = {
+                "path": f"adapters/{d}",
+                "config": json.loads((folder / "adapter_config.json").read_text()),
+                "training": self.info.get("training", {}).get(d, {}),
+            }
+        files = checksums(root / "adapters", root)
+        files.update(checksums(root / "router", root))
+        if (root / "data").exists():
+            files.update(checksums(root / "data", root))
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "temporal_lora_version": __version__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "base_model": {
+                "id": self.base_id,
+                "fingerprint": self.base_fingerprint,
+                "model_type": self.model.config.model_type,
+                "num_layers": len(decoder_layers(self.model)),
+                "vocab_size": self.model.config.vocab_size,
+            },
+            "domains": self.domains,
+            "adapters": adapters,
+            "router": {
+                "path": "router/router.safetensors",
+                "features": self.feature_spec,
+                "in_dim": int(self.router.feature_mean.shape[0]),
+                "temperature": float(self.router.temperature),
+                "config": asdict(self.router_config),
+                "training": self.info.get("router_training", {}),
+            },
+            "data": "data/splits.json" if self.info.get("data") else None,
+            "train_config": self.info.get("train_config"),
+            "timing": self.info.get("timing", {}),
+            "history": self.info.get("history", []),
+            "files": files,
+        }
+
+    # ---------------------------------------------------------------- routing
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Tokenise prompts the way training chunks were (no special tokens); refuse empty ones."""
+        if isinstance(texts, str):
+            raise InputError("pass a list of texts, not a single string")
+        ids = []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise InputError(f"input {i} is empty")
+            tokens = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not tokens:
+                raise InputError(f"input {i} has no tokens")
+            ids.append(tokens)
+        return ids
+
+    @torch.no_grad()
+    def route_probs(self, ids: list[list[int]], batch_size: int = 16) -> torch.Tensor:
+        """Calibrated router probabilities [n, n_domains] for token-id inputs (first max_tokens read)."""
+        out = []
+        limit = self.router_config.max_tokens
+        for start in range(0, len(ids), batch_size):
+            batch = [seq[:limit] for seq in ids[start : start + batch_size]]
+            input_ids, mask = _pad(batch, self.tokenizer.pad_token_id, left=False)
+            with self.mixer.weights(None):
+                feats = token_features(self.model, self.feature_spec, input_ids, mask)
+            out.append(self.router(pool_prefixes(feats, mask)))
+        return torch.cat(out)
+
+    def decisions(self, probs: torch.Tensor) -> list[RouteDecision]:
+        threshold = self.router_config.abstain_threshold
+        result = []
+        for row in probs:
+            conf, idx = float(row.max()), int(row.argmax())
+            abstained = conf < threshold
+            result.append(RouteDecision(
+                domain=None if abstained else self.domains[idx],
+                probs={d: round(float(p), 6) for d, p in zip(self.domains, row, strict=True)},
+                confidence=round(conf, 6),
+                abstained=abstained,
+            ))
+        return result
+
+    def route(self, texts: list[str]) -> list[RouteDecision]:
+        """Route each text: domain (None if abstained), calibrated probabilities, confidence."""
+        return self.decisions(self.route_probs(self.encode(texts)))
+
+    def mix_weights(self, probs: torch.Tensor, mode: str, top_k: int = 2) -> torch.Tensor:
+        """Adapter weights [n, n_domains] for a routing mode; abstained rows are all zero (base)."""
+        if mode not in MODES:
+            raise InputError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+        keep = probs.max(dim=1).values >= self.router_config.abstain_threshold
+        if mode == "hard":
+            w = one_hot(probs.argmax(dim=1).tolist(), len(self.domains))
+        elif mode == "soft":
+            w = probs.clone()
+        else:
+            k = max(1, min(top_k, len(self.domains)))
+            top = probs.topk(k, dim=1)
+            w = torch.zeros_like(probs).scatter(1, top.indices, top.values)
+            w = w / w.sum(dim=1, keepdim=True)
+        return w * keep.unsqueeze(1).to(w.dtype)
+
+    def domain_weights(self, domain: str | None, n: int) -> torch.Tensor:
+        """Weights that force one domain's adapter (or the base model for None/'base')."""
+        if domain is None or domain == "base":
+            return torch.zeros(n, len(self.domains))
+        if domain not in self.domains:
+            raise InputError(f"unknown domain {domain!r}; this bundle has {', '.join(self.domains)}")
+        return one_hot([self.domains.index(domain)] * n, len(self.domains))
+
+    # ---------------------------------------------------------------- generation and scoring
+    @torch.no_grad()
+    def generate(self, prompts: list[str], *, mode: str = "hard", top_k: int = 2, domain: str | None = None,
+                 max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
+                 seed: int = 0) -> list[Generation]:
+        """Generate for a batch of prompts; each prompt uses its own route (or the forced `domain`)."""
+        if mode not in MODES:
+            raise InputError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+        if max_new_tokens < 1:
+            raise InputError("max_new_tokens must be at least 1")
+        ids = self.encode(prompts)
+        for i, seq in enumerate(ids):
+            if len(seq) + max_new_tokens > self.context_length:
+                raise InputError(f"prompt {i} has {len(seq)} tokens; with {max_new_tokens} new tokens "
+                                 f"that exceeds the context of {self.context_length}")
+        probs = self.route_probs(ids)
+        routes = self.decisions(probs)
+        weights = self.domain_weights(domain, len(ids)) if domain else self.mix_weights(probs, mode, top_k)
+        texts = self._generate_ids(ids, weights, max_new_tokens, do_sample, temperature, seed)
+        return [
+            Generation(prompt=p, text=t, mode=("forced" if domain else mode), route=r,
+                       weights={d: round(float(x), 6) for d, x in zip(self.domains, w, strict=True)})
+            for p, t, r, w in zip(prompts, texts, routes, weights, strict=True)
+        ]
+
+    def _generate_ids(self, ids, weights, max_new_tokens, do_sample, temperature, seed) -> list[str]:
+        input_ids, mask = _pad(ids, self.tokenizer.pad_token_id, left=True)
+        torch.manual_seed(seed)
+        kwargs = {"do_sample": do_sample}
+        if do_sample:
+            kwargs["temperature"] = temperature
+        else:  # silence generation_config's sampling defaults in greedy mode
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        with self.mixer.weights(weights):
+            out = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                      pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+        new = out[:, input_ids.shape[1]:]
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in new]
+
+    @torch.no_grad()
+    def token_nll(self, chunks: torch.Tensor, weights: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """Summed next-token NLL per chunk [n] under the given adapter weights ([n, n_domains])."""
+        out = []
+        for start in range(0, len(chunks), batch_size):
+            x = chunks[start : start + batch_size]
+            with self.mixer.weights(weights[start : start + batch_size]):
+                logits = self.model(input_ids=x, use_cache=False).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+            out.append(nll.sum(dim=1))
+        return torch.cat(out)
+
+
+def _pad(seqs: list[list[int]], pad_id: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        if left:
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+        else:
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+    return ids, mask

@@ -1,0 +1,182 @@
+"""The training recipe: corpora -> document splits -> one adapter per domain -> router -> bundle."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from temporal_lora.adapters import RESERVED_NAMES, train_adapter
+from temporal_lora.backbone import decoder_layers, fingerprint, load_backbone
+from temporal_lora.bundle import MANIFEST
+from temporal_lora.config import TrainConfig, budget_config
+from temporal_lora.corpora import Document, load_domain
+from temporal_lora.data import Splits, chunk_documents, dedupe, split_documents
+from temporal_lora.errors import CorpusError, InputError
+from temporal_lora.model import TemporalLoRA
+from temporal_lora.router import GatingNetwork, prefix_features, resolve_feature_spec, train_gating
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+@dataclass
+class DomainData:
+    name: str
+    source: str
+    splits: Splits
+    dropped_duplicates: int
+
+
+def validate_domains(domains: list[str]) -> list[str]:
+    """Check names before any expensive work starts."""
+    if not domains:
+        raise InputError("no domains given")
+    seen = set()
+    for name in domains:
+        if not _NAME.match(name):
+            raise InputError(f"invalid domain name {name!r}: use lowercase letters, digits, '-' and '_'")
+        if name in RESERVED_NAMES:
+            raise InputError(f"domain name {name!r} is reserved; choose another")
+        if name in seen:
+            raise InputError(f"domain {name!r} is listed twice")
+        seen.add(name)
+    return list(domains)
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse early (before training) to overwrite a directory that is not a bundle."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
+        raise InputError(f"output {out} exists and is not a bundle; choose an empty or new directory")
+
+
+def load_domain_data(name: str, data_paths: dict[str, Path], seed: int) -> DomainData:
+    docs = load_domain(name, data_paths)
+    unique = dedupe(docs)
+    splits = split_documents(unique, seed=seed)
+    source = f"path:{Path(data_paths[name]).resolve()}" if name in data_paths else f"builtin:{name}"
+    return DomainData(name, source, splits, len(docs) - len(unique))
+
+
+def chunks_tensor(docs: list[Document], tokenizer, cfg: TrainConfig, n: int, seed: int, what: str) -> torch.Tensor:
+    chunks = chunk_documents(docs, tokenizer, block_size=cfg.block_size, max_chunks=n, seed=seed)
+    if not chunks:
+        raise CorpusError(f"{what}: no document is at least {cfg.block_size} tokens long")
+    return torch.tensor(chunks, dtype=torch.long)
+
+
+def train_router(tl_model, tokenizer, spec: str, domain_chunks: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 cfg: TrainConfig) -> tuple[GatingNetwork, dict]:
+    """Train the gating network on prefixes of training chunks; calibrate on validation chunks."""
+    lengths = [n for n in cfg.router.train_lengths if n <= cfg.block_size]
+    feats, labels, cfeats, clabels = [], [], [], []
+    for label, (train_chunks, calib_chunks) in enumerate(domain_chunks.values()):
+        f = prefix_features(tl_model, spec, train_chunks, lengths).flatten(0, 1)
+        c = prefix_features(tl_model, spec, calib_chunks, lengths).flatten(0, 1)
+        feats.append(f)
+        cfeats.append(c)
+        labels.append(torch.full((len(f),), label))
+        clabels.append(torch.full((len(c),), label))
+    x, y = torch.cat(feats), torch.cat(labels)
+    net = GatingNetwork(x.shape[1], len(domain_chunks), cfg.router.hidden_dim)
+    result = train_gating(net, x, y, torch.cat(cfeats), torch.cat(clabels), cfg.router, seed=cfg.seed)
+    summary = {
+        "examples": len(x),
+        "calibration_examples": int(sum(len(c) for c in cfeats)),
+        "prefix_lengths": lengths,
+        "train_accuracy": round(result.train_accuracy, 4),
+        "calibration_accuracy": round(result.calib_accuracy, 4),
+        "temperature": round(result.temperature, 4),
+        "calibration_nll_before": round(result.nll_before, 4),
+        "calibration_nll_after": round(result.nll_after, 4),
+    }
+    return net.eval(), summary
+
+
+def train_bundle(
+    domains: list[str],
+    out: str | Path,
+    *,
+    base: str | None = None,
+    data: dict[str, Path] | None = None,
+    budget: str = "quick",
+    seed: int = 0,
+    router_features: str | None = None,
+    abstain_threshold: float | None = None,
+    config: TrainConfig | None = None,
+    progress: bool = True,
+    log=print,
+) -> TemporalLoRA:
+    """Train one adapter per domain on the frozen base, then the router; save the bundle to `out`."""
+    out = Path(out)
+    data = {k: Path(v) for k, v in (data or {}).items()}
+    domains = validate_domains(list(domains))
+    for name in data:
+        if name not in domains:
+            raise InputError(f"--data names domain {name!r} which is not in --domains")
+    check_output_dir(out)
+    cfg = config or budget_config(budget, seed)
+    if router_features:
+        cfg.router.features = router_features
+    if abstain_threshold is not None:
+        cfg.router.abstain_threshold = abstain_threshold
+    timing: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    datasets = {name: load_domain_data(name, data, cfg.seed) for name in domains}  # fail fast on bad corpora
+    timing["load_corpora"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    model, tokenizer, base_id = load_backbone(base)
+    base_fp = fingerprint(model)
+    spec = resolve_feature_spec(cfg.router.features, len(decoder_layers(model)))
+    timing["load_base_model"] = time.perf_counter() - t0
+
+    training, splits_info, router_data = {}, {}, {}
+    work = Path(tempfile.mkdtemp(prefix=".tlora-adapters-", dir=out.parent if out.parent.exists() else None))
+    try:
+        for i, (name, dd) in enumerate(datasets.items()):
+            t0 = time.perf_counter()
+            n_train = cfg.steps * cfg.batch_size
+            train_chunks = chunks_tensor(dd.splits.train, tokenizer, cfg, n_train, cfg.seed, f"{name} train split")
+            router_chunks = chunks_tensor(dd.splits.train, tokenizer, cfg, cfg.router_chunks, cfg.seed + 1, name)
+            calib_chunks = chunks_tensor(dd.splits.val, tokenizer, cfg, cfg.calib_chunks, cfg.seed, f"{name} val split")
+            router_data[name] = (router_chunks, calib_chunks)
+            timing[f"chunk_{name}"] = time.perf_counter() - t0
+            log(f"[{i + 1}/{len(datasets)}] training adapter '{name}' on {len(train_chunks)} chunks "
+                f"of {cfg.block_size} tokens ({cfg.steps} steps)")
+            t0 = time.perf_counter()
+            summary = train_adapter(model, train_chunks.tolist(), work / name, cfg, desc=name, progress=progress)
+            timing[f"adapter_{name}"] = time.perf_counter() - t0
+            training[name] = summary | {"source": dd.source, "seed": cfg.seed}
+            splits_info[name] = {
+                "source": dd.source,
+                "documents": len(dd.splits.train) + len(dd.splits.val) + len(dd.splits.test),
+                "dropped_duplicates": dd.dropped_duplicates,
+                "train_documents": len(dd.splits.train),
+                "val_ids": [d.id for d in dd.splits.val],
+                "test_ids": [d.id for d in dd.splits.test],
+            }
+        if fingerprint(model) != base_fp:  # adapters must never touch the base
+            raise RuntimeError("base model weights changed during adapter training")
+
+        log(f"training router on '{spec}' features")
+        t0 = time.perf_counter()
+        router, router_summary = train_router(model, tokenizer, spec, router_data, cfg)
+        timing["router"] = time.perf_counter() - t0
+
+        info = {"training": training, "router_training": router_summary, "data": splits_info,
+                "train_config": cfg.to_dict(), "timing": {k: round(v, 2) for k, v in timing.items()}}
+        tl = TemporalLoRA.assemble(model, tokenizer, base_id=base_id, adapter_dirs={d: work / d for d in domains},
+                                   router=router, router_config=cfg.router, feature_spec=spec, info=info,
+                                   base_fingerprint=base_fp)
+        t0 = time.perf_counter()
+        tl.save_pretrained(out)
+        tl.info["timing"]["save_bundle"] = round(time.perf_counter() - t0, 2)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return tl
