@@ -18,8 +18,8 @@ TINY_DOMAINS = ["code", "literature", "legal"]
 def tiny_config(seed: int = 0) -> TrainConfig:
     """A budget that trains on a tiny random model in seconds."""
     return TrainConfig(budget="test", block_size=64, batch_size=2, steps=4, lr=1e-3, warmup_steps=1,
-                       router_chunks=24, calib_chunks=8, eval_chunks=6, seed=seed,
-                       router=RouterConfig(features="hidden:2", hidden_dim=32, epochs=150))
+                       router_chunks=40, calib_chunks=8, eval_chunks=6, seed=seed,
+                       router=RouterConfig(features="embeddings", hidden_dim=32, epochs=200))
 
 
 @pytest.fixture(scope="session")

@@ -124,6 +124,8 @@ class _LshIndex:
 
 @dataclass
 class Splits:
+    """Documents of one corpus divided into train, validation and test; no group spans two."""
+
     train: list[Document]
     val: list[Document]
     test: list[Document]
@@ -145,6 +147,8 @@ def split_documents(
     """
     if val_frac < 0 or test_frac < 0 or val_frac + test_frac >= 1:
         raise ValueError("val_frac and test_frac must be >= 0 and sum to less than 1")
+    if min_each < 1:
+        raise ValueError(f"min_each must be >= 1, got {min_each}")
     by_group: dict[str, list[Document]] = defaultdict(list)
     for doc in docs:
         by_group[doc.group].append(doc)
@@ -179,7 +183,6 @@ def split_documents(
 # --- chunking ---------------------------------------------------------------------------------
 
 # Generous characters-per-token guess for the first prefix; grown by doubling when short.
-_CHARS_PER_TOKEN = 6
 
 
 def chunk_documents(
@@ -193,55 +196,41 @@ def chunk_documents(
     """Up to `max_chunks` windows of exactly `block_size` token ids, spread over the documents.
 
     Each document is cut into consecutive non-overlapping windows (the short tail is dropped).
-    Documents are shuffled with `seed` and visited round-robin: every document's first window,
-    then every document's second one, and so on, so one long document cannot dominate. Text is
-    tokenized lazily, and long documents only as far as the windows taken from them.
+    Documents are shuffled with `seed` and visited round-robin, taking one window of each per
+    round, so one long document cannot dominate. Within a document the windows are taken in a
+    seeded random order: taking them from the start would fill training and evaluation with
+    title pages, licence headers and module docstrings. A document is tokenized only when first
+    visited, and only its first `MAX_DOC_CHARS` characters, which bounds the cost of huge files.
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
+    rng = random.Random(seed)
     order = list(range(len(docs)))
-    random.Random(seed).shuffle(order)
-    streams = {i: _TokenStream(docs[i].text, tokenizer) for i in order}
+    rng.shuffle(order)
+    pending: dict[int, list[list[int]] | None] = dict.fromkeys(order)
     chunks: list[list[int]] = []
-    window = 0
-    while streams and len(chunks) < max_chunks:
-        for i in list(streams):
-            piece = streams[i].window(window, block_size)
-            if piece is None:
-                del streams[i]  # exhausted; also frees its tokens
+    while pending and len(chunks) < max_chunks:
+        for i in list(pending):
+            windows = pending[i]
+            if windows is None:
+                windows = pending[i] = _windows(docs[i].text, tokenizer, block_size, rng)
+            if not windows:
+                del pending[i]  # exhausted (or shorter than one block)
                 continue
-            chunks.append(piece)
+            chunks.append(windows.pop())
             if len(chunks) == max_chunks:
                 break
-        window += 1
     return chunks
 
 
-class _TokenStream:
-    """Tokens of one text, produced from a growing prefix of it as later windows are asked for."""
+MAX_DOC_CHARS = 400_000
 
-    def __init__(self, text: str, tokenizer: Any):
-        self.text = text
-        self.tokenizer = tokenizer
-        self.tokens: list[int] = []
-        self.chars = 0  # length of the prefix tokenized so far
 
-    def window(self, index: int, size: int) -> list[int] | None:
-        end = (index + 1) * size
-        while len(self.tokens) < end and self.chars < len(self.text):
-            self._extend(max(end * _CHARS_PER_TOKEN, 2 * self.chars))
-        if len(self.tokens) < end:
-            return None
-        return list(self.tokens[end - size : end])
-
-    def _extend(self, limit: int) -> None:
-        if limit >= len(self.text):
-            cut = len(self.text)
-        else:
-            # Cut at whitespace so the words before the cut tokenize as in the full text.
-            cut = max(self.text.rfind(" ", 0, limit), self.text.rfind("\n", 0, limit))
-            cut = cut if cut > self.chars else limit
-        ids = list(self.tokenizer(self.text[:cut], add_special_tokens=False)["input_ids"])
-        # The last token of a cut prefix may be half a word; it is re-read on the next pass.
-        self.tokens = ids if cut == len(self.text) else ids[:-1]
-        self.chars = cut
+def _windows(text: str, tokenizer: Any, size: int, rng: random.Random) -> list[list[int]]:
+    if len(text) > MAX_DOC_CHARS:
+        cut = text.rfind(" ", 0, MAX_DOC_CHARS)
+        text = text[: cut if cut > 0 else MAX_DOC_CHARS]
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    windows = [ids[k : k + size] for k in range(0, len(ids) - size + 1, size)]
+    rng.shuffle(windows)
+    return windows

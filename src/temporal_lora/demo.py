@@ -18,7 +18,7 @@ def run_demo(out: Path, *, domains: list[str], budget: str = "quick", seed: int 
 
     from temporal_lora.backbone import default_model_dir
     from temporal_lora.corpora import BUILTIN_DOMAINS, fetch_builtin
-    from temporal_lora.evaluate import evaluate_bundle, test_chunks
+    from temporal_lora.evaluate import evaluate_bundle, held_out_chunks
     from temporal_lora.train import train_bundle
 
     console = Console()
@@ -43,7 +43,7 @@ def run_demo(out: Path, *, domains: list[str], budget: str = "quick", seed: int 
 
     console.rule("[bold]4/4 routed generation: one mixed-domain batch")
     t0 = time.perf_counter()
-    sets = test_chunks(tl, 1, seed=seed + 7)
+    sets = held_out_chunks(tl, 1, seed=seed + 7)
     prompts = [tl.tokenizer.decode(sets[d][0][:SAMPLE_PROMPT_TOKENS]) for d in tl.domains]
     samples = [g.to_dict() | {"true_domain": d} for d, g in
                zip(tl.domains, tl.generate(prompts, mode="hard", max_new_tokens=SAMPLE_NEW_TOKENS), strict=True)]

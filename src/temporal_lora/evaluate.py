@@ -21,7 +21,7 @@ LENGTHS = (8, 16, 32, 64, 128)
 STRATEGIES = ("base", "oracle", "routed", "soft")
 
 
-def test_chunks(tl: TemporalLoRA, n: int, *, block_size: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:
+def held_out_chunks(tl: TemporalLoRA, n: int, *, block_size: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:
     """Chunks of each domain's *test* documents, as recorded in the bundle at training time."""
     splits = tl.info.get("data") or {}
     result = {}
@@ -80,7 +80,7 @@ def router_metrics(tl: TemporalLoRA, sets: dict[str, torch.Tensor], lengths=LENG
         "ece": round(expected_calibration_error(full, y), 4),
         "abstain_threshold": threshold,
         "abstained_fraction": round(float((full.max(-1).values < threshold).float().mean()), 4),
-        "test_chunks": {d: len(sets[d]) for d in tl.domains},
+        "held_out_chunks": {d: len(sets[d]) for d in tl.domains},
         "_probs_full": full,  # used for routed/soft perplexity, dropped before writing
     }
 
@@ -136,7 +136,7 @@ def evaluate_bundle(tl: TemporalLoRA, out_dir: str | Path | None = None, *, ppl_
     ppl_chunks = ppl_chunks or cfg.get("eval_chunks", 24)
     block = cfg.get("block_size", 128)
     t0 = time.perf_counter()
-    router_sets = test_chunks(tl, max(router_chunks, ppl_chunks), block_size=block, seed=seed)
+    router_sets = held_out_chunks(tl, max(router_chunks, ppl_chunks), block_size=block, seed=seed)
     ppl_sets = {d: c[:ppl_chunks] for d, c in router_sets.items()}
     timing["load_test_data"] = time.perf_counter() - t0
     t0 = time.perf_counter()

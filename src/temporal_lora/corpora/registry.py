@@ -216,5 +216,5 @@ def load_domain(name: str, data_paths: Mapping[str, Path], progress: bool = True
         return load_builtin(name, progress=progress)
     raise CorpusError(
         f"unknown domain {name!r}: not a built-in domain ({', '.join(BUILTIN_DOMAINS)}) "
-        f"and no data given for it (pass {name}=PATH)"
+        f"and no data given for it (pass --data {name}=PATH)"
     )
