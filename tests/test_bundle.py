@@ -5,12 +5,11 @@ import pickle
 import shutil
 
 import pytest
+from tiny import build_tiny_model
 
 from temporal_lora.bundle import MANIFEST, read_manifest
 from temporal_lora.errors import BaseModelMismatchError, BundleError
 from temporal_lora.model import TemporalLoRA
-
-from tiny import build_tiny_model
 
 
 @pytest.fixture

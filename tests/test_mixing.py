@@ -4,13 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from temporal_lora.adapters import train_adapter
 from temporal_lora.backbone import fingerprint, load_backbone
 from temporal_lora.model import TemporalLoRA
 from temporal_lora.router import GatingNetwork
-
-from conftest import tiny_config
 
 NAMES = ["alpha", "beta", "gamma"]
 

@@ -4,12 +4,11 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_DOMAINS
 
 from temporal_lora.bundle import MANIFEST
 from temporal_lora.evaluate import evaluate_bundle, held_out_chunks
 from temporal_lora.model import TemporalLoRA
-
-from conftest import TINY_DOMAINS
 
 
 @pytest.fixture(scope="module")

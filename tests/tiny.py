@@ -18,7 +18,13 @@ def _training_text() -> list[str]:
 def build_tiny_model(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
     """Write a random tiny causal LM plus tokenizer to `folder`; load it with `--base folder`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -12,7 +12,15 @@ from safetensors.torch import load_file, save_file
 
 from temporal_lora import __version__
 from temporal_lora.backbone import context_length, decoder_layers, fingerprint, load_backbone
-from temporal_lora.bundle import FORMAT, FORMAT_VERSION, MANIFEST, checksums, read_manifest, safe_path, write_atomic_dir
+from temporal_lora.bundle import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    checksums,
+    read_manifest,
+    safe_path,
+    write_atomic_dir,
+)
 from temporal_lora.config import RouterConfig
 from temporal_lora.errors import BaseModelMismatchError, BundleError, InputError
 from temporal_lora.mixing import AdapterMixer, one_hot
