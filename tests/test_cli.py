@@ -62,7 +62,8 @@ def test_generate_prints_text_and_route(capsys, tiny_bundle):
         (["route", "--bundle", "{bundle}", ""], "input 0 is empty"),
         (["route", "--bundle", "{bundle}", "   \n"], "input 0 is empty"),
         (["route", "--bundle", "{bundle}"], "no input"),
-        (["route", "--bundle", "{bundle}", "--jsonl", "{tmp}/bad.jsonl"], "line 1 is not valid JSON"),
+        (["route", "--bundle", "{bundle}", "--jsonl", "{tmp}/bad.jsonl"], "line 1: not valid JSON"),
+        (["route", "--bundle", "{bundle}", "--jsonl", "{tmp}/empty.jsonl"], "input 1 is empty"),
         (["generate", "--bundle", "{bundle}", "--domain", "finance", "hello"], "unknown domain 'finance'"),
         (["generate", "--bundle", "{bundle}", "{long}"], "exceeds the context"),
     ],
@@ -70,6 +71,7 @@ def test_generate_prints_text_and_route(capsys, tiny_bundle):
 def test_bad_input_gives_one_error_line_and_writes_nothing(capsys, tmp_path, tiny_bundle, argv, message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.jsonl").write_text("{oops\n")
+    (tmp_path / "empty.jsonl").write_text('{"text": "fine"}\n{"text": " "}\n')
     long_prompt = "word " * 400  # the tiny model's context is 256 tokens
     before = sorted(p.name for p in tmp_path.iterdir())
     bundle_files = {p: p.stat().st_mtime_ns for p in tiny_bundle.rglob("*")}

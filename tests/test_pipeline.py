@@ -111,3 +111,20 @@ def test_evaluation_report(loaded, tmp_path):
     for name in ("report.json", "report.md", "confusion.png", "perplexity.png", "accuracy_by_length.png"):
         assert (tmp_path / name).is_file()
     assert json.loads((tmp_path / "report.json").read_text())["timing"]
+
+
+def test_gpt2_architecture_end_to_end(tiny_gpt2, tmp_path):
+    """The original method's base architecture: Conv1D layers need fan_in_fan_out=True."""
+    from conftest import tiny_config
+
+    from temporal_lora.train import train_bundle
+
+    tl = train_bundle(["code", "literature"], tmp_path / "b", base=str(tiny_gpt2), config=tiny_config(),
+                      progress=False, log=lambda *a: None)
+    manifest = json.loads((tmp_path / "b" / MANIFEST).read_text())
+    assert manifest["base_model"]["model_type"] == "gpt2"
+    assert manifest["adapters"]["code"]["config"]["fan_in_fan_out"] is True
+    prompts = ["import os\n\ndef main():", "Enter FALSTAFF"]
+    first = tl.generate(prompts, mode="soft", max_new_tokens=4)
+    again = TemporalLoRA.from_pretrained(tmp_path / "b").generate(prompts, mode="soft", max_new_tokens=4)
+    assert [g.to_dict() for g in first] == [g.to_dict() for g in again]

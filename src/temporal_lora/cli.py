@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from temporal_lora.errors import TemporalLoRAError
@@ -16,6 +17,20 @@ DEFAULT_DOMAINS = "medical,legal,technical,code,literature"
 def _add_base(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=None,
                    help="base model: HF id, local dir or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+
+
+def _add_threshold(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--abstain-threshold", type=float, default=None, metavar="P",
+                   help="override the bundle's threshold: below this confidence the base model answers")
+
+
+def _load(args):
+    from temporal_lora.model import TemporalLoRA
+
+    tl = TemporalLoRA.from_pretrained(args.bundle)
+    if getattr(args, "abstain_threshold", None) is not None:
+        tl.router_config.abstain_threshold = args.abstain_threshold
+    return tl
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True, type=Path)
     p.add_argument("texts", nargs="*", metavar="TEXT")
     p.add_argument("--jsonl", type=Path, help="read inputs from a JSONL file with a 'text' field")
+    _add_threshold(p)
 
     p = sub.add_parser("generate", help="generate with routed adapters; prints the text and its route")
     p.add_argument("--bundle", required=True, type=Path)
@@ -56,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+    _add_threshold(p)
 
     p = sub.add_parser("eval", help="evaluate a bundle on its test documents; write the report")
     p.add_argument("--bundle", required=True, type=Path)
@@ -96,42 +113,21 @@ def cmd_train(args) -> None:
     print(f"bundle written to {args.out} (domains: {', '.join(tl.domains)}; router: {tl.feature_spec})")
 
 
-def _read_jsonl_texts(path: Path) -> list[str]:
-    from temporal_lora.errors import InputError
-
-    if not path.is_file():
-        raise InputError(f"{path} does not exist")
-    texts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="strict").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path} line {n} is not valid JSON: {exc.msg}") from exc
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise InputError(f"{path} line {n} has no string 'text' field")
-        texts.append(obj["text"])
-    return texts
-
-
 def cmd_route(args) -> None:
+    from temporal_lora.corpora import read_jsonl_texts
     from temporal_lora.errors import InputError
-    from temporal_lora.model import TemporalLoRA
 
-    texts = list(args.texts) + (_read_jsonl_texts(args.jsonl) if args.jsonl else [])
+    texts = list(args.texts) + (read_jsonl_texts(args.jsonl) if args.jsonl else [])
     if not texts:
         raise InputError("no input: give TEXT arguments or --jsonl FILE")
-    tl = TemporalLoRA.from_pretrained(args.bundle)
+    tl = _load(args)
     for decision in tl.route(texts):
         print(json.dumps({"domain": decision.domain, "probs": decision.probs, "confidence": decision.confidence,
                           "abstained": decision.abstained}))
 
 
 def cmd_generate(args) -> None:
-    from temporal_lora.model import TemporalLoRA
-
-    tl = TemporalLoRA.from_pretrained(args.bundle)
+    tl = _load(args)
     results = tl.generate(args.prompt, mode=args.mode, top_k=args.top_k, domain=args.domain,
                           max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                           temperature=args.temperature, seed=args.seed)
@@ -146,9 +142,8 @@ def cmd_generate(args) -> None:
 
 def cmd_eval(args) -> None:
     from temporal_lora.evaluate import evaluate_bundle, markdown_tables
-    from temporal_lora.model import TemporalLoRA
 
-    tl = TemporalLoRA.from_pretrained(args.bundle)
+    tl = _load(args)
     report = evaluate_bundle(tl, args.out, ppl_chunks=args.chunks, router_chunks=args.router_chunks)
     print(markdown_tables(report))
     print(f"\nreport written to {args.out}/report.json, report.md and PNG plots")
@@ -169,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     # Quieter library logs; our own progress bars and messages say what is happening.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # A deprecation notice that PEFT/accelerate trigger inside transformers on every training run.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         COMMANDS[args.command](args)
     except TemporalLoRAError as exc:

@@ -23,8 +23,9 @@ class RouterConfig:
     """The gating network and where its features come from."""
 
     # "embeddings" (mean-pooled input embeddings, the method's sketch) or "hidden:L" (mean-pooled
-    # output of decoder layer L; L=-1 means the middle layer). Hidden states generalise far better
-    # to text from other sources than the training corpus (see DESIGN.md).
+    # output of decoder layer L; L=-1 picks a lower-middle layer, 8 of SmolLM2's 30). Hidden states
+    # generalise far better than embeddings to text from other sources (DESIGN.md); on our held-out
+    # documents layer 8 routed as well as layer 15 or deeper while costing about half as much.
     features: str = "hidden:-1"
     hidden_dim: int = 128  # 0 means plain logistic regression
     max_tokens: int = 128  # the router reads at most this many leading tokens
@@ -43,11 +44,11 @@ class TrainConfig:
     block_size: int = 128
     batch_size: int = 4
     steps: int = 40
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup_steps: int = 4
-    router_chunks: int = 60  # per domain, from training documents
-    calib_chunks: int = 20  # per domain, from validation documents (temperature scaling)
-    eval_chunks: int = 24  # per domain, from test documents
+    router_chunks: int = 150  # per domain, from training documents
+    calib_chunks: int = 30  # per domain, from validation documents (temperature scaling)
+    eval_chunks: int = 24  # per domain, from test documents (perplexity)
     seed: int = 0
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     router: RouterConfig = field(default_factory=RouterConfig)

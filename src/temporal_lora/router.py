@@ -17,7 +17,7 @@ class _StopForward(Exception):
 
 
 def resolve_feature_spec(spec: str, n_layers: int) -> str:
-    """Normalise 'embeddings' / 'hidden:L' (L=-1 -> middle layer) to a concrete spec."""
+    """Normalise 'embeddings' / 'hidden:L' (L=-1 -> a lower-middle layer) to a concrete spec."""
     if spec == "embeddings":
         return spec
     kind, _, layer = spec.partition(":")
@@ -25,7 +25,7 @@ def resolve_feature_spec(spec: str, n_layers: int) -> str:
         raise InputError(f"unknown router features {spec!r}; use 'embeddings' or 'hidden:LAYER'")
     index = int(layer)
     if index == -1:
-        index = max(1, n_layers // 2)
+        index = n_layers // 4 + 1  # 8 of 30 for SmolLM2, 2 of 4 for the tiny test models
     if not 1 <= index <= n_layers:
         raise InputError(f"router layer {index} out of range 1..{n_layers}")
     return f"hidden:{index}"
@@ -148,7 +148,7 @@ def train_gating(
             loss = nn.functional.cross_entropy(net.logits(feats), labels)
             loss.backward()
             opt.step()
-            history.append(float(loss))
+            history.append(loss.item())
     with torch.no_grad():
         train_acc = float((net.logits(feats).argmax(-1) == labels).float().mean())
         calib_logits = net.logits(calib_feats.float())

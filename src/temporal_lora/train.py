@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from temporal_lora.adapters import RESERVED_NAMES, train_adapter
 from temporal_lora.backbone import decoder_layers, fingerprint, load_backbone
@@ -175,7 +176,11 @@ def train_bundle(
                                    router=router, router_config=cfg.router, feature_spec=spec, info=info,
                                    base_fingerprint=base_fp)
         t0 = time.perf_counter()
-        tl.save_pretrained(out)
+        # Under `accelerate launch` every process gets here with identical weights; one writes.
+        state = PartialState()
+        if state.is_main_process:
+            tl.save_pretrained(out)
+        state.wait_for_everyone()
         tl.info["timing"]["save_bundle"] = round(time.perf_counter() - t0, 2)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -8,6 +8,7 @@ from temporal_lora.corpora.registry import (
     load_domain,
     load_user_corpus,
     parse_data_spec,
+    read_jsonl_texts,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "load_domain",
     "load_user_corpus",
     "parse_data_spec",
+    "read_jsonl_texts",
 ]

@@ -159,6 +159,20 @@ def _load_jsonl(file: Path) -> list[Document]:
     return docs
 
 
+def read_jsonl_texts(path: str | Path) -> list[str]:
+    """The `text` field of every non-blank line of a JSONL file, empty texts included (callers
+    that route or generate must see and refuse them rather than silently shift the outputs)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise CorpusError(f"{file} does not exist")
+    content = _decode(file.read_bytes(), file)
+    return [
+        _jsonl_document(line, file, lineno).text
+        for lineno, line in enumerate(content.splitlines(), start=1)
+        if line.strip()
+    ]
+
+
 def _jsonl_document(line: str, file: Path, lineno: int) -> Document:
     try:
         record = json.loads(line)
