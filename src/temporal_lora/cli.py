@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (small models loop)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
     _add_threshold(p)
@@ -130,7 +131,8 @@ def cmd_generate(args) -> None:
     tl = _load(args)
     results = tl.generate(args.prompt, mode=args.mode, top_k=args.top_k, domain=args.domain,
                           max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                          temperature=args.temperature, seed=args.seed)
+                          temperature=args.temperature, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed)
     for g in results:
         if args.json:
             print(json.dumps(g.to_dict()))

@@ -46,7 +46,8 @@ def run_demo(out: Path, *, domains: list[str], budget: str = "quick", seed: int 
     sets = held_out_chunks(tl, 1, seed=seed + 7)
     prompts = [tl.tokenizer.decode(sets[d][0][:SAMPLE_PROMPT_TOKENS]) for d in tl.domains]
     samples = [g.to_dict() | {"true_domain": d} for d, g in
-               zip(tl.domains, tl.generate(prompts, mode="hard", max_new_tokens=SAMPLE_NEW_TOKENS), strict=True)]
+               zip(tl.domains, tl.generate(prompts, mode="hard", max_new_tokens=SAMPLE_NEW_TOKENS,
+                                                   repetition_penalty=1.3), strict=True)]
     timing["samples"] = time.perf_counter() - t0
     timing["total"] = time.perf_counter() - start
 

@@ -80,7 +80,7 @@ def router_metrics(tl: TemporalLoRA, sets: dict[str, torch.Tensor], lengths=LENG
         "ece": round(expected_calibration_error(full, y), 4),
         "abstain_threshold": threshold,
         "abstained_fraction": round(float((full.max(-1).values < threshold).float().mean()), 4),
-        "held_out_chunks": {d: len(sets[d]) for d in tl.domains},
+        "test_chunks": {d: len(sets[d]) for d in tl.domains},
         "_probs_full": full,  # used for routed/soft perplexity, dropped before writing
     }
 

@@ -265,7 +265,7 @@ class TemporalLoRA:
     @torch.no_grad()
     def generate(self, prompts: list[str], *, mode: str = "hard", top_k: int = 2, domain: str | None = None,
                  max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
-                 seed: int = 0) -> list[Generation]:
+                 repetition_penalty: float = 1.0, seed: int = 0) -> list[Generation]:
         """Generate for a batch of prompts; each prompt uses its own route (or the forced `domain`)."""
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
@@ -279,17 +279,19 @@ class TemporalLoRA:
         probs = self.route_probs(ids)
         routes = self.decisions(probs)
         weights = self.domain_weights(domain, len(ids)) if domain else self.mix_weights(probs, mode, top_k)
-        texts = self._generate_ids(ids, weights, max_new_tokens, do_sample, temperature, seed)
+        texts = self._generate_ids(ids, weights, max_new_tokens, do_sample, temperature, seed,
+                                   repetition_penalty=repetition_penalty)
         return [
             Generation(prompt=p, text=t, mode=("forced" if domain else mode), route=r,
                        weights={d: round(float(x), 6) for d, x in zip(self.domains, w, strict=True)})
             for p, t, r, w in zip(prompts, texts, routes, weights, strict=True)
         ]
 
-    def _generate_ids(self, ids, weights, max_new_tokens, do_sample, temperature, seed) -> list[str]:
+    def _generate_ids(self, ids, weights, max_new_tokens, do_sample, temperature, seed,
+                      repetition_penalty: float = 1.0) -> list[str]:
         input_ids, mask = _pad(ids, self.tokenizer.pad_token_id, left=True)
         torch.manual_seed(seed)
-        kwargs = {"do_sample": do_sample}
+        kwargs = {"do_sample": do_sample, "repetition_penalty": repetition_penalty}
         if do_sample:
             kwargs["temperature"] = temperature
         else:  # silence generation_config's sampling defaults in greedy mode
