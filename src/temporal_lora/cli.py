@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--chunks", type=int, default=None, help="test chunks per domain for perplexity")
-    p.add_argument("--router-chunks", type=int, default=60, help="test chunks per domain for routing")
+    p.add_argument("--router-chunks", type=int, default=100, help="test chunks per domain for routing")
 
     p = sub.add_parser("demo", help="fetch, train (quick budget), evaluate and show samples")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))

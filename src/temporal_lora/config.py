@@ -48,7 +48,7 @@ class TrainConfig:
     warmup_steps: int = 4
     router_chunks: int = 150  # per domain, from training documents
     calib_chunks: int = 30  # per domain, from validation documents (temperature scaling)
-    eval_chunks: int = 24  # per domain, from test documents (perplexity)
+    eval_chunks: int = 48  # per domain, from test documents (perplexity)
     seed: int = 0
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
