@@ -128,3 +128,24 @@ def test_gpt2_architecture_end_to_end(tiny_gpt2, tmp_path):
     first = tl.generate(prompts, mode="soft", max_new_tokens=4)
     again = TemporalLoRA.from_pretrained(tmp_path / "b").generate(prompts, mode="soft", max_new_tokens=4)
     assert [g.to_dict() for g in first] == [g.to_dict() for g in again]
+
+
+def test_two_process_training_through_accelerate(tiny_llama, tmp_path):
+    """Adapter training goes through accelerate: two CPU processes (gloo) train one bundle."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29581",
+           "-m", "temporal_lora.cli", "train", "--domains", "code,literature", "--base", str(tiny_llama),
+           "--out", str(tmp_path / "b")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((tmp_path / "b" / MANIFEST).read_text())
+    for d in ("code", "literature"):
+        training = manifest["adapters"][d]["training"]
+        assert training["processes"] == 2
+        assert training["tokens_seen"] == 2 * training["steps"] * training["batch_size"] * training["block_size"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # the shared staging folder is gone
+    TemporalLoRA.from_pretrained(tmp_path / "b").route(["import os"])

@@ -15,6 +15,15 @@ from temporal_lora.config import AdapterConfig, TrainConfig
 RESERVED_NAMES = ("default", "base", "auto")
 
 
+def distributed_state():
+    """accelerate's process state. Created the way `Accelerator()` creates it, so that CPU-only
+    multi-process runs (`ACCELERATE_USE_CPU=true`, set by `accelerate launch --cpu`) agree on it."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def lora_config(model: nn.Module, cfg: AdapterConfig):
     """A PEFT LoraConfig for this architecture. GPT-2's Conv1D layers need fan_in_fan_out=True."""
     from peft import LoraConfig

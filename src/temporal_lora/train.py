@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 
-from temporal_lora.adapters import RESERVED_NAMES, train_adapter
+from temporal_lora.adapters import RESERVED_NAMES, distributed_state, train_adapter
 from temporal_lora.backbone import decoder_layers, fingerprint, load_backbone
 from temporal_lora.bundle import MANIFEST
 from temporal_lora.config import TrainConfig, budget_config
@@ -138,7 +136,14 @@ def train_bundle(
     timing["load_base_model"] = time.perf_counter() - t0
 
     training, splits_info, router_data = {}, {}, {}
-    work = Path(tempfile.mkdtemp(prefix=".tlora-adapters-", dir=out.parent if out.parent.exists() else None))
+    # Adapters are staged next to the output; under `accelerate launch` every process must see the
+    # same folder (the main process writes each adapter, all of them load it), so the name is fixed.
+    state = distributed_state()
+    work = out.parent / f".{out.name}.adapters-work"
+    if state.is_main_process:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+    state.wait_for_everyone()
     try:
         for i, (name, dd) in enumerate(datasets.items()):
             t0 = time.perf_counter()
@@ -177,11 +182,12 @@ def train_bundle(
                                    base_fingerprint=base_fp)
         t0 = time.perf_counter()
         # Under `accelerate launch` every process gets here with identical weights; one writes.
-        state = PartialState()
         if state.is_main_process:
             tl.save_pretrained(out)
         state.wait_for_everyone()
         tl.info["timing"]["save_bundle"] = round(time.perf_counter() - t0, 2)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            shutil.rmtree(work, ignore_errors=True)
     return tl
