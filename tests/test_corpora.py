@@ -179,8 +179,8 @@ def test_builtin_is_extracted_once_then_read_from_cache(cache, monkeypatch):
     assert load_builtin("legal", progress=False) == docs
     assert calls == ["legal"]
     folder = cache / "corpora"
-    assert [p.name for p in folder.iterdir()] == ["legal.jsonl"]  # no temp files left behind
-    lines = (folder / "legal.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [p.name for p in folder.iterdir()] == [f"legal.v{registry.EXTRACT_VERSION}.jsonl"]  # no temp files left behind
+    lines = (folder / f"legal.v{registry.EXTRACT_VERSION}.jsonl").read_text(encoding="utf-8").splitlines()
     assert json.loads(lines[0]) == {"id": "a", "text": "ünïcode text\nwith lines", "group": "g"}
 
     fetch_builtin(["legal"])

@@ -96,11 +96,14 @@ def _domains(text: str) -> list[str]:
 
 def cmd_fetch(args) -> None:
     from temporal_lora.backbone import default_model_dir
+    from temporal_lora.cache import cache_dir
     from temporal_lora.corpora import fetch_builtin
 
-    fetch_builtin(_domains(args.domains))
+    for name, count in fetch_builtin(_domains(args.domains)).items():
+        print(f"{name}: {count} documents")
     if not args.no_model:
         print(f"base model: {default_model_dir()}")
+    print(f"cache: {cache_dir()}")
 
 
 def cmd_train(args) -> None:

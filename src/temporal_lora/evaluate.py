@@ -192,7 +192,7 @@ def markdown_tables(report: dict) -> str:
 def write_report(report: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
-    timing = "\n".join(f"| {k} | {v:.1f} |" for k, v in _timing_rows(report))
+    timing = "\n".join(f"| {k} | {v:.1f} |" for k, v in _timing_rows(report).items())
     md = (f"# Temporal LoRA evaluation\n\nBase model: `{report['base_model']}`; router features: "
           f"`{report['router_features']}`; router accuracy {report['router']['accuracy']:.1%} "
           f"(macro-F1 {report['router']['macro_f1']:.3f}, ECE {report['router']['ece']:.3f}).\n\n"

@@ -46,13 +46,14 @@ def load_builtin(name: str, progress: bool = True) -> list[Document]:
     return docs
 
 
-def fetch_builtin(names: Iterable[str]) -> None:
-    """Download and extract the given built-in domains into the cache (for `tlora fetch`)."""
+def fetch_builtin(names: Iterable[str]) -> dict[str, int]:
+    """Download and extract the given built-in domains into the cache (for `tlora fetch`).
+
+    Returns the number of documents per domain."""
     names = list(names)
     for name in names:  # fail before downloading anything if one name is wrong
         _check_builtin(name)
-    for name in names:
-        load_builtin(name, progress=True)
+    return {name: len(load_builtin(name, progress=True)) for name in names}
 
 
 def _check_builtin(name: str) -> None:
@@ -62,8 +63,12 @@ def _check_builtin(name: str) -> None:
         )
 
 
+# Bump when an extractor changes what it keeps, so that caches made by older code are not reused.
+EXTRACT_VERSION = 1
+
+
 def _cache_file(name: str) -> Path:
-    return cache_dir() / "corpora" / f"{name}.jsonl"
+    return cache_dir() / "corpora" / f"{name}.v{EXTRACT_VERSION}.jsonl"
 
 
 def _extract(name: str, progress: bool) -> list[Document]:
