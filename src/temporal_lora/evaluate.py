@@ -247,6 +247,7 @@ def plot_report(report: dict, out_dir: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot([int(n) for n in acc], list(acc.values()), marker="o")
     ax.set_xscale("log", base=2)
+    ax.set_xticks([int(n) for n in acc], list(acc))
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("router accuracy")
     ax.set_ylim(min(0.5, min(acc.values()) - 0.05), 1.01)
