@@ -126,3 +126,14 @@ def test_save_is_atomic_and_refuses_foreign_directories(tiny_bundle, tmp_path):
     tl.save_pretrained(out)  # replacing an existing bundle works
     assert read_manifest(out)["domains"] == tl.domains
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "notes"]
+
+
+def test_saved_bundle_is_readable_by_others(tiny_bundle, tmp_path):
+    import os
+
+    out = TemporalLoRA.from_pretrained(tiny_bundle).save_pretrained(tmp_path / "shared")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask
+    weights = out / "adapters" / "code" / "adapter_model.safetensors"
+    assert (weights.stat().st_mode & 0o777) == 0o666 & ~umask

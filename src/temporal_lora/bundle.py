@@ -46,6 +46,7 @@ def write_atomic_dir(target: Path, fill: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         fill(tmp)
+        _make_shareable(tmp)
         if target.exists():
             if not (target / MANIFEST).exists() and any(target.iterdir()):
                 raise BundleError(f"refusing to replace {target}: it exists and is not a bundle")
@@ -58,6 +59,14 @@ def write_atomic_dir(target: Path, fill: Callable[[Path], None]) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _make_shareable(root: Path) -> None:
+    """mkdtemp (and some writers) create owner-only modes; a bundle is ordinary data (umask applies)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def read_manifest(bundle: Path) -> dict:
