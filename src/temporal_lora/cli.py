@@ -172,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     # A deprecation notice that PEFT/accelerate trigger inside transformers on every training run.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
+        if args.command != "fetch":  # fetch prints its own progress; elsewhere the load bar is noise
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         COMMANDS[args.command](args)
     except TemporalLoRAError as exc:
         print(f"tlora: error: {exc}", file=sys.stderr)
