@@ -149,3 +149,20 @@ def test_two_process_training_through_accelerate(tiny_llama, tmp_path):
         assert training["tokens_seen"] == 2 * training["steps"] * training["batch_size"] * training["block_size"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # the shared staging folder is gone
     TemporalLoRA.from_pretrained(tmp_path / "b").route(["import os"])
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model(tiny_llama, tmp_path, capsys):
+    """`tlora demo` with the quick budget, on a tiny random model instead of SmolLM2."""
+    from temporal_lora.demo import run_demo
+
+    report = run_demo(tmp_path / "demo", domains=["code", "literature"], base=str(tiny_llama))
+    out = capsys.readouterr().out
+    assert "router accuracy by prompt length" in out and "wall time" in out
+    report_dir = tmp_path / "demo" / "report"
+    on_disk = json.loads((report_dir / "report.json").read_text())
+    assert on_disk["demo_timing"]["total"] == report["demo_timing"]["total"]
+    assert {"train", "evaluate", "samples"} <= set(on_disk["demo_timing"])
+    samples = json.loads((report_dir / "samples.json").read_text())
+    assert [s["true_domain"] for s in samples] == ["code", "literature"]
+    assert all(s["route"]["domain"] in ("code", "literature") for s in samples)
+    assert (tmp_path / "demo" / "bundle" / MANIFEST).is_file()
