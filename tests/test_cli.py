@@ -66,6 +66,7 @@ def test_generate_prints_text_and_route(capsys, tiny_bundle):
         (["route", "--bundle", "{bundle}", "--jsonl", "{tmp}/empty.jsonl"], "input 1 is empty"),
         (["generate", "--bundle", "{bundle}", "--domain", "finance", "hello"], "unknown domain 'finance'"),
         (["generate", "--bundle", "{bundle}", "{long}"], "exceeds the context"),
+        (["generate", "--bundle", "{bundle}", "--chat", "hello"], "has no chat template"),
     ],
 )
 def test_bad_input_gives_one_error_line_and_writes_nothing(capsys, tmp_path, tiny_bundle, argv, message):

@@ -51,3 +51,12 @@ def test_real_model_generate_save_load_same_outputs(real_bundle, tmp_path):
     with loaded.mixer.weights(torch.tensor([[1.0, 0, 0]])):
         medical = loaded.model(input_ids=x).logits
     assert (base - medical).abs().max() > 1e-4
+
+
+def test_real_model_chat_template_keeps_the_route(real_bundle):
+    tl, _ = real_bundle
+    question = "What is the first-line treatment for hypertension in adults with diabetes?"
+    plain, chat = tl.generate([question], max_new_tokens=12), tl.generate([question], max_new_tokens=12, chat=True)
+    assert chat[0].route == plain[0].route  # the router reads the bare message
+    assert chat[0].route.domain == "medical"
+    assert chat[0].text.strip() and chat[0].text != plain[0].text

@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (small models loop)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the base model's chat template")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
     _add_threshold(p)
 
@@ -135,14 +136,14 @@ def cmd_generate(args) -> None:
     results = tl.generate(args.prompt, mode=args.mode, top_k=args.top_k, domain=args.domain,
                           max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                           temperature=args.temperature, repetition_penalty=args.repetition_penalty,
-                          seed=args.seed)
+                          chat=args.chat, seed=args.seed)
     for g in results:
         if args.json:
             print(json.dumps(g.to_dict()))
         else:
             used = ", ".join(f"{d}={w:.2f}" for d, w in g.weights.items() if w > 0) or "base model"
             print(f"[route: {g.route.domain or 'abstained'} ({g.route.confidence:.2f}); adapters: {used}]")
-            print(g.prompt + g.text)
+            print(g.text if args.chat else g.prompt + g.text)
 
 
 def cmd_eval(args) -> None:

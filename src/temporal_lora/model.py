@@ -265,18 +265,23 @@ class TemporalLoRA:
     @torch.no_grad()
     def generate(self, prompts: list[str], *, mode: str = "hard", top_k: int = 2, domain: str | None = None,
                  max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
-                 repetition_penalty: float = 1.0, seed: int = 0) -> list[Generation]:
-        """Generate for a batch of prompts; each prompt uses its own route (or the forced `domain`)."""
+                 repetition_penalty: float = 1.0, chat: bool = False, seed: int = 0) -> list[Generation]:
+        """Generate for a batch of prompts; each prompt uses its own route (or the forced `domain`).
+
+        With `chat=True` each prompt is a user message wrapped in the base model's chat template;
+        the router still reads the bare message (the template's boilerplate carries no domain).
+        """
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         if max_new_tokens < 1:
             raise InputError("max_new_tokens must be at least 1")
-        ids = self.encode(prompts)
+        route_ids = self.encode(prompts)
+        ids = self.encode([self.chat_prompt(p) for p in prompts]) if chat else route_ids
         for i, seq in enumerate(ids):
             if len(seq) + max_new_tokens > self.context_length:
                 raise InputError(f"prompt {i} has {len(seq)} tokens; with {max_new_tokens} new tokens "
                                  f"that exceeds the context of {self.context_length}")
-        probs = self.route_probs(ids)
+        probs = self.route_probs(route_ids)
         routes = self.decisions(probs)
         weights = self.domain_weights(domain, len(ids)) if domain else self.mix_weights(probs, mode, top_k)
         texts = self._generate_ids(ids, weights, max_new_tokens, do_sample, temperature, seed,
@@ -286,6 +291,13 @@ class TemporalLoRA:
                        weights={d: round(float(x), 6) for d, x in zip(self.domains, w, strict=True)})
             for p, t, r, w in zip(prompts, texts, routes, weights, strict=True)
         ]
+
+    def chat_prompt(self, message: str) -> str:
+        """`message` as one user turn in the base model's chat template, ready for the reply."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InputError(f"base model {self.base_id!r} has no chat template; generate without chat")
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": message}],
+                                                  add_generation_prompt=True, tokenize=False)
 
     def _generate_ids(self, ids, weights, max_new_tokens, do_sample, temperature, seed,
                       repetition_penalty: float = 1.0) -> list[str]:
