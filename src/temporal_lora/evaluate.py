@@ -80,7 +80,6 @@ def router_metrics(tl: TemporalLoRA, sets: dict[str, torch.Tensor], lengths=LENG
         "abstain_threshold": threshold,
         "abstained_fraction": round(float((full.max(-1).values < threshold).float().mean()), 4),
         "test_chunks": {d: len(sets[d]) for d in tl.domains},
-        "_probs_full": full,  # used for routed/soft perplexity, dropped before writing
     }
 
 
@@ -104,7 +103,10 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
 
 
 def perplexities(tl: TemporalLoRA, sets: dict[str, torch.Tensor], progress: bool = True) -> dict:
-    """Test perplexity per domain for base, oracle (true adapter), routed (hard) and soft."""
+    """Test perplexity per domain for base, oracle (true adapter), routed (hard) and soft.
+
+    The router reads each whole chunk (its first `max_tokens` tokens) and that route is scored.
+    """
     from tqdm.auto import tqdm
 
     result = {s: {} for s in STRATEGIES}
@@ -147,7 +149,6 @@ def evaluate_bundle(tl: TemporalLoRA, out_dir: str | Path | None = None, *, ppl_
     timing["load_test_data"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     router = router_metrics(tl, router_sets)
-    router.pop("_probs_full")
     timing["router_eval"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     ppl = perplexities(tl, ppl_sets, progress=progress)
