@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -123,7 +123,6 @@ class RouterTrainResult:
     temperature: float
     nll_before: float
     nll_after: float
-    history: list[float] = field(default_factory=list)
 
 
 def train_gating(
@@ -141,14 +140,12 @@ def train_gating(
     net.feature_mean.copy_(feats.mean(dim=0))
     net.feature_std.copy_(feats.std(dim=0).clamp(min=1e-4))
     opt = torch.optim.AdamW(net.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    history = []
     with torch.enable_grad():
         for _ in range(cfg.epochs):
             opt.zero_grad()
             loss = nn.functional.cross_entropy(net.logits(feats), labels)
             loss.backward()
             opt.step()
-            history.append(loss.item())
     with torch.no_grad():
         train_acc = float((net.logits(feats).argmax(-1) == labels).float().mean())
         calib_logits = net.logits(calib_feats.float())
@@ -156,7 +153,7 @@ def train_gating(
         temperature, after = fit_temperature(calib_logits, calib_labels)
         net.temperature.fill_(temperature)
         calib_acc = float((calib_logits.argmax(-1) == calib_labels).float().mean())
-    return RouterTrainResult(train_acc, calib_acc, temperature, before, after, history[:: max(1, len(history) // 20)])
+    return RouterTrainResult(train_acc, calib_acc, temperature, before, after)
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
