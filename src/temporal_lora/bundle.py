@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from temporal_lora.cache import shareable_mode
 from temporal_lora.errors import BundleError
 
 FORMAT = "temporal-lora-bundle"
@@ -62,11 +63,8 @@ def write_atomic_dir(target: Path, fill: Callable[[Path], None]) -> None:
 
 
 def _make_shareable(root: Path) -> None:
-    """mkdtemp (and some writers) create owner-only modes; a bundle is ordinary data (umask applies)."""
-    umask = os.umask(0)
-    os.umask(umask)
     for path in [root, *root.rglob("*")]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        os.chmod(path, shareable_mode(is_dir=path.is_dir()))
 
 
 def read_manifest(bundle: Path) -> dict:

@@ -63,6 +63,14 @@ def _find_archive(folder: Path, name: str, version: str, sdist: bool) -> Path | 
     return None
 
 
+def shareable_mode(*, is_dir: bool) -> int:
+    """The mode an ordinary new file or folder gets under the current umask (mkstemp and mkdtemp
+    create owner-only ones; caches and bundles are ordinary data)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if is_dir else 0o666) & ~umask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file via a temp file in the same directory and rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +78,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are ordinary shareable files
+        os.chmod(tmp, shareable_mode(is_dir=False))  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

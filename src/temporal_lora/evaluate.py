@@ -56,12 +56,11 @@ def router_metrics(tl: TemporalLoRA, sets: dict[str, torch.Tensor], lengths=LENG
     probs = torch.cat(probs_by_len, dim=1)  # [lengths, n, domains]
     y = torch.cat(labels)
     k = len(tl.domains)
-    by_length = {}
-    for i, n in enumerate(lengths):
-        by_length[str(n)] = round(float((probs[i].argmax(-1) == y).float().mean()), 4)
     confusions = {str(n): _confusion(y, probs[i].argmax(-1), k) for i, n in enumerate(lengths)}
+    # accuracy is the confusion matrix's diagonal share
+    by_length = {n: round(float(c.diagonal().sum()) / len(y), 4) for n, c in confusions.items()}
     full = probs[-1]
-    confusion = torch.tensor(confusions[str(lengths[-1])])
+    confusion = confusions[str(lengths[-1])]
     f1s = []
     for c in range(k):
         tp = int(confusion[c, c])
@@ -75,7 +74,7 @@ def router_metrics(tl: TemporalLoRA, sets: dict[str, torch.Tensor], lengths=LENG
         "macro_f1": round(sum(f1s) / k, 4),
         "confusion": confusion.tolist(),
         "confusion_length": lengths[-1],
-        "confusion_by_length": confusions,
+        "confusion_by_length": {n: c.tolist() for n, c in confusions.items()},
         "ece": round(expected_calibration_error(full, y), 4),
         "abstain_threshold": threshold,
         "abstained_fraction": round(float((full.max(-1).values < threshold).float().mean()), 4),
@@ -83,11 +82,9 @@ def router_metrics(tl: TemporalLoRA, sets: dict[str, torch.Tensor], lengths=LENG
     }
 
 
-def _confusion(truth: torch.Tensor, pred: torch.Tensor, k: int) -> list[list[int]]:
-    confusion = torch.zeros(k, k, dtype=torch.long)
-    for t, p in zip(truth.tolist(), pred.tolist(), strict=True):
-        confusion[t, p] += 1
-    return confusion.tolist()
+def _confusion(truth: torch.Tensor, pred: torch.Tensor, k: int) -> torch.Tensor:
+    """[k, k] counts, rows = true domain, columns = routed domain."""
+    return torch.bincount(truth * k + pred, minlength=k * k).reshape(k, k)
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 10) -> float:

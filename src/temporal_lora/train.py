@@ -181,10 +181,10 @@ def train_bundle(
                                    router=router, router_config=cfg.router, feature_spec=spec, info=info,
                                    base_fingerprint=base_fp)
         t0 = time.perf_counter()
-        # Under `accelerate launch` every process gets here with identical weights; one writes.
+        # Under `accelerate launch` every process gets here with identical weights; one writes
+        # (the others wait for it at the barrier below before returning).
         if state.is_main_process:
             tl.save_pretrained(out)
-        state.wait_for_everyone()
         tl.info["timing"]["save_bundle"] = round(time.perf_counter() - t0, 2)
     finally:
         state.wait_for_everyone()
