@@ -88,6 +88,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--domains", default=DEFAULT_DOMAINS)
     _add_base(p)
+
+    p = sub.add_parser("add-domain", help="train one more adapter, refit the router from its replay memory; new version")
+    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--name", required=True, help="the new domain's name")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", type=Path, help="folder of .txt/.md files or a JSONL file with a 'text' field")
+    src.add_argument("--corpus", help="a built-in corpus (its name must equal --name)")
+    p.add_argument("--budget", default=None, choices=["quick", "full"], help="default: the bundle's budget")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("remove-domain", help="drop one domain's adapter and refit the router; new version")
+    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--name", required=True)
+
+    p = sub.add_parser("history", help="list a bundle's versions")
+    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("rollback", help="restore an earlier version of a bundle (recorded as a new version)")
+    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--to", required=True, type=int, metavar="V")
     return parser
 
 
@@ -161,8 +183,51 @@ def cmd_demo(args) -> None:
     run_demo(args.out, domains=_domains(args.domains), budget=args.budget, seed=args.seed, base=args.base)
 
 
+def cmd_add_domain(args) -> None:
+    from temporal_lora.evolve import add_domain
+
+    report = add_domain(args.bundle, args.name, data=args.data, corpus=args.corpus, budget=args.budget,
+                        seed=args.seed)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    t = report["timing"]
+    print(f"version {report['version']}: added '{args.name}' (domains: {', '.join(report['domains'])}); "
+          f"adapter {t['adapter']:.1f} s, router {t['router_total']:.1f} s; old adapters byte-identical")
+    for d, before in report["old_domain_accuracy_before"].items():
+        print(f"  router accuracy on {d} (validation features): {before:.2%} -> "
+              f"{report['old_domain_accuracy_after'][d]:.2%}")
+
+
+def cmd_remove_domain(args) -> None:
+    from temporal_lora.evolve import remove_domain
+
+    report = remove_domain(args.bundle, args.name)
+    print(f"version {report['version']}: removed '{args.name}' (domains: {', '.join(report['domains'])})")
+
+
+def cmd_history(args) -> None:
+    from temporal_lora.versions import list_versions
+
+    for row in list_versions(args.bundle):
+        if args.json:
+            print(json.dumps(row))
+            continue
+        what = row["change"] + "".join(f" {row[k]}" for k in ("domain", "to") if k in row)
+        flag = " (current)" if row["current"] else ("" if row["stored"] else " (files not stored)")
+        print(f"{row['version']:>3}  {row['time']}  {what:<28} {','.join(row['domains'])}{flag}")
+
+
+def cmd_rollback(args) -> None:
+    from temporal_lora.versions import rollback
+
+    manifest = rollback(args.bundle, args.to)
+    print(f"version {manifest['version']}: restored version {args.to} (domains: {', '.join(manifest['domains'])})")
+
+
 COMMANDS = {"fetch": cmd_fetch, "train": cmd_train, "route": cmd_route, "generate": cmd_generate,
-            "eval": cmd_eval, "demo": cmd_demo}
+            "eval": cmd_eval, "demo": cmd_demo, "add-domain": cmd_add_domain, "remove-domain": cmd_remove_domain,
+            "history": cmd_history, "rollback": cmd_rollback}
 
 
 def main(argv: list[str] | None = None) -> int:

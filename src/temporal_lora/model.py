@@ -74,6 +74,9 @@ class TemporalLoRA:
         self.feature_spec = feature_spec
         self.info = info or {}  # training summaries, data splits, history: copied into the manifest
         self.mixer = AdapterMixer(peft_model, self.domains)
+        # Router features per domain ({domain: {"train", "calib"}}), saved as router/replay.safetensors
+        # so that add-domain / remove-domain can refit the router without old raw text (replay.py).
+        self.replay: dict | None = None
         self.context_length = context_length(self.model, tokenizer)
 
     # ---------------------------------------------------------------- construction and disk
@@ -127,9 +130,14 @@ class TemporalLoRA:
                 raise BundleError(f"bundle data splits unreadable: {exc}") from exc
         info["training"] = {d: manifest["adapters"][d].get("training", {}) for d in domains}
         info["router_training"] = rinfo.get("training", {})
-        return cls.assemble(model, tokenizer, base_id=base_info["id"], adapter_dirs=adapter_dirs, router=router,
-                            router_config=router_config, feature_spec=rinfo["features"], info=info,
-                            base_fingerprint=found)
+        tl = cls.assemble(model, tokenizer, base_id=base_info["id"], adapter_dirs=adapter_dirs, router=router,
+                          router_config=router_config, feature_spec=rinfo["features"], info=info,
+                          base_fingerprint=found)
+        if rinfo.get("replay"):  # bundles written before the replay memory existed have none
+            from temporal_lora.replay import load_replay
+
+            tl.replay, _ = load_replay(safe_path(path, rinfo["replay"]))
+        return tl
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the bundle atomically (temp dir + rename). Returns the path."""
@@ -140,6 +148,11 @@ class TemporalLoRA:
             (tmp / "router").mkdir()
             save_file({k: v.contiguous() for k, v in self.router.state_dict().items()},
                       str(tmp / "router" / "router.safetensors"))
+            if self.replay:
+                from temporal_lora.replay import REPLAY_FILE, save_replay
+
+                lengths = self.info.get("router_training", {}).get("prefix_lengths") or self.router_config.train_lengths
+                save_replay(tmp / REPLAY_FILE, {d: self.replay[d] for d in self.domains}, lengths)
             if self.info.get("data"):
                 (tmp / "data").mkdir()
                 (tmp / "data" / "splits.json").write_text(json.dumps(self.info["data"], indent=1))
@@ -183,11 +196,13 @@ class TemporalLoRA:
                 "temperature": float(self.router.temperature),
                 "config": asdict(self.router_config),
                 "training": self.info.get("router_training", {}),
+                "replay": "router/replay.safetensors" if self.replay else None,
             },
             "data": "data/splits.json" if self.info.get("data") else None,
             "train_config": self.info.get("train_config"),
             "timing": self.info.get("timing", {}),
             "history": self.info.get("history", []),
+            "version": (self.info.get("history") or [{}])[-1].get("version", 1),
             "files": files,
         }
 

@@ -6,6 +6,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -18,7 +19,8 @@ from temporal_lora.corpora import Document, load_domain
 from temporal_lora.data import Splits, chunk_documents, dedupe, split_documents
 from temporal_lora.errors import CorpusError, InputError
 from temporal_lora.model import TemporalLoRA
-from temporal_lora.router import GatingNetwork, prefix_features, resolve_feature_spec, train_gating
+from temporal_lora.replay import domain_features, fit_router
+from temporal_lora.router import GatingNetwork, resolve_feature_spec
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
@@ -69,31 +71,20 @@ def chunks_tensor(docs: list[Document], tokenizer, cfg: TrainConfig, n: int, see
 
 
 def train_router(tl_model, tokenizer, spec: str, domain_chunks: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                 cfg: TrainConfig) -> tuple[GatingNetwork, dict]:
-    """Train the gating network on prefixes of training chunks; calibrate on validation chunks."""
+                 cfg: TrainConfig, replay: dict | None = None) -> tuple[GatingNetwork, dict]:
+    """Train the gating network on prefixes of training chunks; calibrate on validation chunks.
+
+    With `replay` (a dict), each domain's features are also put there: the bundle keeps them so
+    that adding or removing a domain later refits the router without the old domains' raw text.
+    """
     lengths = [n for n in cfg.router.train_lengths if n <= cfg.block_size]
-    feats, labels, cfeats, clabels = [], [], [], []
-    for label, (train_chunks, calib_chunks) in enumerate(domain_chunks.values()):
-        f = prefix_features(tl_model, spec, train_chunks, lengths).flatten(0, 1)
-        c = prefix_features(tl_model, spec, calib_chunks, lengths).flatten(0, 1)
-        feats.append(f)
-        cfeats.append(c)
-        labels.append(torch.full((len(f),), label))
-        clabels.append(torch.full((len(c),), label))
-    x, y = torch.cat(feats), torch.cat(labels)
-    net = GatingNetwork(x.shape[1], len(domain_chunks), cfg.router.hidden_dim)
-    result = train_gating(net, x, y, torch.cat(cfeats), torch.cat(clabels), cfg.router, seed=cfg.seed)
-    summary = {
-        "examples": len(x),
-        "calibration_examples": int(sum(len(c) for c in cfeats)),
-        "prefix_lengths": lengths,
-        "train_accuracy": round(result.train_accuracy, 4),
-        "calibration_accuracy": round(result.calib_accuracy, 4),
-        "temperature": round(result.temperature, 4),
-        "calibration_nll_before": round(result.nll_before, 4),
-        "calibration_nll_after": round(result.nll_after, 4),
-    }
-    return net.eval(), summary
+    features = {name: domain_features(tl_model, spec, train_chunks, calib_chunks, lengths)
+                for name, (train_chunks, calib_chunks) in domain_chunks.items()}
+    net, summary = fit_router(features, cfg.router, seed=cfg.seed)
+    if replay is not None:
+        replay.update(features)
+    return net, {"examples": summary["examples"], "calibration_examples": summary["calibration_examples"],
+                 "prefix_lengths": lengths, **summary}
 
 
 def train_bundle(
@@ -172,14 +163,18 @@ def train_bundle(
 
         log(f"training router on '{spec}' features")
         t0 = time.perf_counter()
-        router, router_summary = train_router(model, tokenizer, spec, router_data, cfg)
+        replay: dict = {}
+        router, router_summary = train_router(model, tokenizer, spec, router_data, cfg, replay=replay)
         timing["router"] = time.perf_counter() - t0
 
         info = {"training": training, "router_training": router_summary, "data": splits_info,
-                "train_config": cfg.to_dict(), "timing": {k: round(v, 2) for k, v in timing.items()}}
+                "train_config": cfg.to_dict(), "timing": {k: round(v, 2) for k, v in timing.items()},
+                "history": [{"version": 1, "time": datetime.now(UTC).isoformat(timespec="seconds"),
+                             "change": "train", "domains": list(domains)}]}
         tl = TemporalLoRA.assemble(model, tokenizer, base_id=base_id, adapter_dirs={d: work / d for d in domains},
                                    router=router, router_config=cfg.router, feature_spec=spec, info=info,
                                    base_fingerprint=base_fp)
+        tl.replay = replay
         t0 = time.perf_counter()
         # Under `accelerate launch` every process gets here with identical weights; one writes
         # (the others wait for it at the barrier below before returning).

@@ -1,0 +1,87 @@
+"""The router's replay memory: the pooled base-model features each domain's router examples produced.
+
+The router is a small MLP over mean-pooled hidden states of the *frozen* base model, so a domain's
+features never change once computed. Keeping them in the bundle (`router/replay.safetensors`,
+float16) lets `add-domain` / `remove-domain` refit the router on every old domain without reading
+its raw text again: only the new domain's text goes through the base model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from temporal_lora.config import RouterConfig
+from temporal_lora.errors import BundleError
+from temporal_lora.router import GatingNetwork, prefix_features, train_gating
+
+REPLAY_FILE = "router/replay.safetensors"
+
+
+def domain_features(model, spec: str, train_chunks: torch.Tensor, calib_chunks: torch.Tensor,
+                    lengths: list[int]) -> dict[str, torch.Tensor]:
+    """Router features of one domain: {"train": [L, n, dim], "calib": [L, m, dim]} over prefix lengths."""
+    return {"train": prefix_features(model, spec, train_chunks, lengths),
+            "calib": prefix_features(model, spec, calib_chunks, lengths)}
+
+
+def fit_router(features: dict[str, dict[str, torch.Tensor]], router_cfg: RouterConfig,
+               seed: int = 0) -> tuple[GatingNetwork, dict]:
+    """Train the gating network on every domain's features (label = position in `features`)."""
+    feats, labels, cfeats, clabels = [], [], [], []
+    for label, f in enumerate(features.values()):
+        x = f["train"].float().flatten(0, 1)
+        c = f["calib"].float().flatten(0, 1)
+        feats.append(x)
+        cfeats.append(c)
+        labels.append(torch.full((len(x),), label))
+        clabels.append(torch.full((len(c),), label))
+    x, y = torch.cat(feats), torch.cat(labels)
+    net = GatingNetwork(x.shape[1], len(features), router_cfg.hidden_dim)
+    result = train_gating(net, x, y, torch.cat(cfeats), torch.cat(clabels), router_cfg, seed=seed)
+    summary = {
+        "examples": len(x),
+        "calibration_examples": int(sum(len(c) for c in cfeats)),
+        "train_accuracy": round(result.train_accuracy, 4),
+        "calibration_accuracy": round(result.calib_accuracy, 4),
+        "temperature": round(result.temperature, 4),
+        "calibration_nll_before": round(result.nll_before, 4),
+        "calibration_nll_after": round(result.nll_after, 4),
+    }
+    return net.eval(), summary
+
+
+def save_replay(path: Path, features: dict[str, dict[str, torch.Tensor]], lengths: list[int]) -> None:
+    """Write the memory as float16 safetensors; keys are '<domain>.train' and '<domain>.calib'."""
+    tensors = {f"{d}.{part}": t.to(torch.float16).contiguous() for d, f in features.items() for part, t in f.items()}
+    meta = {"domains": json.dumps(list(features)), "prefix_lengths": json.dumps(list(lengths))}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_replay(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], list[int]]:
+    """Read a replay memory: ({domain: {"train", "calib"}}, prefix lengths)."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            domains = json.loads(meta["domains"])
+            lengths = json.loads(meta["prefix_lengths"])
+            features = {d: {part: fh.get_tensor(f"{d}.{part}") for part in ("train", "calib")} for d in domains}
+    except (OSError, KeyError, ValueError) as exc:
+        raise BundleError(f"router replay memory {path} is unreadable: {exc}") from exc
+    return features, lengths
+
+
+def replay_accuracy(net: GatingNetwork, features: dict[str, dict[str, torch.Tensor]], labels: dict[str, int],
+                    part: str = "calib") -> dict[str, float]:
+    """Per-domain accuracy of `net` on stored features (all prefix lengths), domain -> share correct."""
+    out = {}
+    with torch.no_grad():
+        for domain, f in features.items():
+            x = f[part].float().flatten(0, 1)
+            pred = net(x).argmax(-1)
+            out[domain] = round(float((pred == labels[domain]).float().mean()), 4)
+    return out
