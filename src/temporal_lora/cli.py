@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="*", metavar="TEXT")
     p.add_argument("--jsonl", type=Path, help="read inputs from a JSONL file with a 'text' field")
     _add_threshold(p)
+    p.add_argument("--segments", default=None, metavar="UNIT",
+                   help="route each text segment by segment: sentence, paragraph or tokens:K (with hysteresis)")
+    p.add_argument("--smoothing", type=float, default=None, help="segment routing: weight of the newest segment")
+    p.add_argument("--margin", type=float, default=None, help="segment routing: switching margin")
 
     p = sub.add_parser("generate", help="generate with routed adapters; prints the text and its route")
     p.add_argument("--bundle", required=True, type=Path)
@@ -148,6 +152,17 @@ def cmd_route(args) -> None:
     if not texts:
         raise InputError("no input: give TEXT arguments or --jsonl FILE")
     tl = _load(args)
+    if args.segments:
+        from temporal_lora.segments import SegmentConfig, SegmentRouter
+
+        knobs = {k: v for k, v in (("smoothing", args.smoothing), ("margin", args.margin)) if v is not None}
+        router = SegmentRouter(tl, SegmentConfig.parse(args.segments, **knobs))
+        for text in texts:
+            segments = router.route(text)
+            print(json.dumps({"domains": list(dict.fromkeys(s.domain for s in segments)),
+                              "switches": sum(s.switched for s in segments),
+                              "segments": [s.to_dict() for s in segments]}))
+        return
     for decision in tl.route(texts):
         print(json.dumps({"domain": decision.domain, "probs": decision.probs, "confidence": decision.confidence,
                           "abstained": decision.abstained}))

@@ -62,15 +62,22 @@ class AdapterMixer:
         rank = module._tlora_rank
         a_cat, b_cat = module._tlora_a, module._tlora_b
         h = x.to(a_cat.dtype) @ a_cat.T  # [batch, seq, K*r]
-        w = weights.to(h.dtype).repeat_interleave(rank, dim=1)  # [batch, K*r]
-        h = h * w.view(w.shape[0], *([1] * (h.dim() - 2)), w.shape[1])
+        w = weights.to(h.dtype).repeat_interleave(rank, dim=-1)  # [batch, K*r] or [batch, seq, K*r]
+        if w.dim() == 2:
+            h = h * w.view(w.shape[0], *([1] * (h.dim() - 2)), w.shape[1])
+        else:  # per-token weights (segment routing): one row per position of this forward
+            h = h * w
         return output + (h @ b_cat.T).to(output.dtype)
 
     @contextmanager
     def weights(self, weights: torch.Tensor | None):
-        """Within this block every forward uses `weights` ([batch, n_adapters]); None = base model."""
+        """Within this block every forward uses `weights` ([batch, n_adapters]); None = base model.
+
+        Per-token weights [batch, seq, n_adapters] are accepted too (the forward's `seq` must match):
+        segment routing scores a text whose segments use different adapters in one forward.
+        """
         if weights is not None:
-            if weights.dim() != 2 or weights.shape[1] != len(self.adapter_names):
+            if weights.dim() not in (2, 3) or weights.shape[-1] != len(self.adapter_names):
                 raise ValueError(f"weights must be [batch, {len(self.adapter_names)}], got {tuple(weights.shape)}")
             if not torch.any(weights != 0):
                 weights = None  # all-zero rows everywhere: skip the LoRA matmuls entirely
