@@ -114,6 +114,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rollback", help="restore an earlier version of a bundle (recorded as a new version)")
     p.add_argument("--bundle", required=True, type=Path)
     p.add_argument("--to", required=True, type=int, metavar="V")
+
+    p = sub.add_parser("bench", help="measure against merging, sequential/multitask LoRA, Arrow, other routers")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="bench.json, bench.md, plots (and work/)")
+    p.add_argument("--bundle", type=Path, default=None, help="bundle to measure (default: train one into OUT/work)")
+    p.add_argument("--budget", default="quick", choices=["quick", "full"])
+    _add_base(p)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with automatic routing and a playground page")
+    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("TLORA_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $TLORA_API_KEY; none = open)")
+    p.add_argument("--mode", default="hard", choices=["hard", "soft", "topk"], help="routing for model 'auto'")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048)
+    p.add_argument("--max-new-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    p.add_argument("--max-concurrency", type=int, default=32, help="requests in progress before 429s")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--backend", default="local", choices=["local", "openai-compatible"],
+                   help="generate here, or forward to a multi-LoRA engine after routing")
+    p.add_argument("--backend-url", default=None, help="e.g. http://gpu-host:8001/v1 (vLLM, LoRAX, SGLang, tlora)")
+    p.add_argument("--backend-api-key", default=os.environ.get("TLORA_BACKEND_API_KEY"))
+    p.add_argument("--backend-base-model", default="base", help="the engine's name for the plain base model")
+    _add_threshold(p)
+
+    p = sub.add_parser("export", help="export adapters for a multi-LoRA engine and print its serve command")
+    p.add_argument("target", choices=["vllm"])
+    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--port", type=int, default=8001, help="port in the printed vllm command")
     return parser
 
 
@@ -233,6 +264,14 @@ def cmd_history(args) -> None:
         print(f"{row['version']:>3}  {row['time']}  {what:<28} {','.join(row['domains'])}{flag}")
 
 
+def cmd_bench(args) -> None:
+    from temporal_lora.bench import run_bench
+
+    run_bench(args.out, bundle=args.bundle, base=args.base, budget=args.budget)
+    print((args.out / "bench.md").read_text(encoding="utf-8"))
+    print(f"written to {args.out}/bench.json, bench.md and PNG plots")
+
+
 def cmd_rollback(args) -> None:
     from temporal_lora.versions import rollback
 
@@ -240,9 +279,35 @@ def cmd_rollback(args) -> None:
     print(f"version {manifest['version']}: restored version {args.to} (domains: {', '.join(manifest['domains'])})")
 
 
+def cmd_serve(args) -> None:
+    from temporal_lora.errors import InputError
+    from temporal_lora.server import ServerSettings, serve
+
+    if (args.backend == "openai-compatible") != bool(args.backend_url):
+        raise InputError("--backend openai-compatible needs --backend-url (and --backend-url needs it)")
+    settings = ServerSettings(max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+                              max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency,
+                              max_batch=args.max_batch, routing_mode=args.mode, api_key=args.api_key,
+                              backend_url=args.backend_url, backend_api_key=args.backend_api_key,
+                              backend_base_model=args.backend_base_model)
+    serve(args.bundle, host=args.host, port=args.port, settings=settings, abstain_threshold=args.abstain_threshold)
+
+
+def cmd_export(args) -> None:
+    from temporal_lora.export import export_vllm
+
+    result = export_vllm(args.bundle, args.out, port=args.port)
+    print(f"adapters written to {result['out']} (one PEFT folder per domain)")
+    print("start the engine:")
+    print(f"  {result['command']}")
+    print("then route in front of it:")
+    print(f"  {result['front']}")
+
+
 COMMANDS = {"fetch": cmd_fetch, "train": cmd_train, "route": cmd_route, "generate": cmd_generate,
             "eval": cmd_eval, "demo": cmd_demo, "add-domain": cmd_add_domain, "remove-domain": cmd_remove_domain,
-            "history": cmd_history, "rollback": cmd_rollback}
+            "history": cmd_history, "rollback": cmd_rollback, "bench": cmd_bench,
+            "serve": cmd_serve, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
