@@ -14,6 +14,32 @@ TINY_CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }
                       "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
+def load_served(bundle):
+    """A bundle loaded for serving; the tiny test tokenizer gets a chat template. Each server in a
+    test gets its own copy: in production every server process owns its model."""
+    from temporal_lora.model import TemporalLoRA
+
+    tl = TemporalLoRA.from_pretrained(bundle)
+    if not getattr(tl.tokenizer, "chat_template", None):
+        tl.tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tl
+
+
+def pick_domain_texts(tl, seed: int = 5) -> dict[str, str]:
+    """One held-out test text per domain that the router sends to that domain."""
+    from temporal_lora.evaluate import held_out_chunks
+
+    picked = {}
+    for d, chunks in held_out_chunks(tl, 3, block_size=64, seed=seed).items():
+        for chunk in chunks:
+            text = tl.tokenizer.decode(chunk)
+            if tl.route([text])[0].domain == d:
+                picked[d] = text
+                break
+    assert set(picked) == set(tl.domains)
+    return picked
+
+
 @contextmanager
 def running(app) -> Iterator[str]:
     """Yield the base URL (http://127.0.0.1:PORT) while the server runs."""

@@ -3,29 +3,26 @@
 import httpx
 import openai
 import pytest
-from serving import TINY_CHAT_TEMPLATE, running
-from test_server import texts  # noqa: F401 - shared fixture
+from serving import load_served, pick_domain_texts, running
 
-from temporal_lora.model import TemporalLoRA
 from temporal_lora.server import ServerSettings, create_app
 
 
 @pytest.fixture(scope="module")
-def tl(tiny_bundle):
-    model = TemporalLoRA.from_pretrained(tiny_bundle)
-    model.tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    return model
+def pair(tiny_bundle):
+    """(front URL, engine URL): the engine is a second real server of ours (it serves adapters by
+    domain name, as vLLM --lora-modules does); the front routes and forwards. Each owns its model."""
+    engine_app = create_app(load_served(tiny_bundle), ServerSettings(api_key="engine-key"))
+    with running(engine_app) as engine_url:
+        front_app = create_app(load_served(tiny_bundle),
+                               ServerSettings(backend_url=engine_url + "/v1", backend_api_key="engine-key"))
+        with running(front_app) as front_url:
+            yield front_url, engine_url
 
 
 @pytest.fixture(scope="module")
-def pair(tl):
-    """(front URL, engine URL): the engine is our own server (it serves adapters by domain name, as
-    vLLM --lora-modules does); the front loads the same bundle only to route, and needs a key."""
-    engine_app = create_app(tl, ServerSettings(api_key="engine-key"))
-    with running(engine_app) as engine_url:
-        front_app = create_app(tl, ServerSettings(backend_url=engine_url + "/v1", backend_api_key="engine-key"))
-        with running(front_app) as front_url:
-            yield front_url, engine_url
+def texts(tiny_bundle):
+    return pick_domain_texts(load_served(tiny_bundle))
 
 
 def clients(pair):
@@ -34,7 +31,7 @@ def clients(pair):
             openai.OpenAI(base_url=engine + "/v1", api_key="engine-key", max_retries=0))
 
 
-def test_front_routes_then_the_engine_generates_with_that_adapter(pair, texts):  # noqa: F811
+def test_front_routes_then_the_engine_generates_with_that_adapter(pair, texts):
     front, engine = clients(pair)
     for domain, text in texts.items():
         raw = front.completions.with_raw_response.create(model="auto", prompt=text, max_tokens=6,
@@ -46,7 +43,7 @@ def test_front_routes_then_the_engine_generates_with_that_adapter(pair, texts): 
         assert resp.choices[0].text == direct.choices[0].text
 
 
-def test_forwarded_streams_and_chat(pair, texts):  # noqa: F811
+def test_forwarded_streams_and_chat(pair, texts):
     front, engine = clients(pair)
     messages = [{"role": "user", "content": texts["legal"]}]
     kwargs = {"max_tokens": 8, "temperature": 0, "seed": 1}
@@ -60,12 +57,12 @@ def test_forwarded_streams_and_chat(pair, texts):  # noqa: F811
     assert "".join(p.choices[0].text for p in text_parts) == direct.choices[0].text
 
 
-def test_forwarding_errors_are_clear(pair, tl):
+def test_forwarding_errors_are_clear(pair, tiny_bundle):
     front_url, _ = pair
     soft = httpx.post(front_url + "/v1/completions", json={"model": "auto", "prompt": "x = 1",
                                                            "routing_mode": "soft"})
     assert soft.status_code == 400 and "only hard routing" in soft.json()["error"]["message"]
-    dead = create_app(tl, ServerSettings(backend_url="http://127.0.0.1:9/v1"))
+    dead = create_app(load_served(tiny_bundle), ServerSettings(backend_url="http://127.0.0.1:9/v1"))
     with running(dead) as url:
         resp = httpx.post(url + "/v1/completions", json={"model": "code", "prompt": "x = 1", "max_tokens": 2})
         assert resp.status_code == 502 and "unreachable" in resp.json()["error"]["message"]

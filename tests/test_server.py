@@ -7,10 +7,8 @@ import httpx
 import openai
 import pytest
 from conftest import TINY_DOMAINS
-from serving import TINY_CHAT_TEMPLATE, running
+from serving import load_served, pick_domain_texts, running
 
-from temporal_lora.evaluate import held_out_chunks
-from temporal_lora.model import TemporalLoRA
 from temporal_lora.server import ServerSettings, create_app
 
 KEY = "test-key-123"
@@ -18,24 +16,12 @@ KEY = "test-key-123"
 
 @pytest.fixture(scope="module")
 def tl(tiny_bundle):
-    model = TemporalLoRA.from_pretrained(tiny_bundle)
-    model.tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    return model
+    return load_served(tiny_bundle)
 
 
 @pytest.fixture(scope="module")
 def texts(tl):
-    """One held-out test text per domain (the router routes these correctly; see test_pipeline)."""
-    sets = held_out_chunks(tl, 3, block_size=64, seed=5)
-    picked = {}
-    for d, chunks in sets.items():
-        for chunk in chunks:
-            text = tl.tokenizer.decode(chunk)
-            if tl.route([text])[0].domain == d:
-                picked[d] = text
-                break
-    assert set(picked) == set(TINY_DOMAINS)
-    return picked
+    return pick_domain_texts(tl)
 
 
 @pytest.fixture(scope="module")
