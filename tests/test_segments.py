@@ -123,3 +123,19 @@ def test_route_segments_cli(tiny_bundle, capsys):
     row = json.loads(capsys.readouterr().out.strip().splitlines()[0])
     assert row["segments"] and {"start", "end", "domain", "probs", "smoothed", "switched", "text"} <= set(
         row["segments"][0])
+
+
+def test_server_route_returns_segments_on_request(tl):
+    import httpx
+    from serving import running
+
+    from temporal_lora.server import ServerSettings, create_app
+
+    with running(create_app(tl, ServerSettings(max_prompt_tokens=200))) as url:
+        text = "The patient was given metformin twice daily. def f(x):\n    return x + 1\n"
+        plain = httpx.post(url + "/v1/route", json={"input": text}).json()["data"][0]
+        assert "segments" not in plain
+        rows = httpx.post(url + "/v1/route", json={"input": [text], "segments": "tokens:8"}).json()["data"]
+        segs = rows[0]["segments"]
+        assert segs[0]["start"] == 0 and all(s["domain"] in tl.domains for s in segs)
+        assert httpx.post(url + "/v1/route", json={"input": text, "segments": "chapters"}).status_code == 400

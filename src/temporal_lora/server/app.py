@@ -474,6 +474,10 @@ def create_app(tl: TemporalLoRA, settings: ServerSettings | None = None) -> Fast
             check_lengths(encode(text, f"input[{i}]"), 0)
         decisions = await asyncio.to_thread(engine.route, texts)
         data = [{"index": i, **d.to_dict()} for i, d in enumerate(decisions)]
+        if req.segments:  # per-segment routes on request (segment routing with hysteresis)
+            per_text = await asyncio.to_thread(engine.route_segments, texts, req.segments)
+            for row, segments in zip(data, per_text, strict=True):
+                row["segments"] = [s.to_dict() for s in segments]
         return JSONResponse({"object": "list", "data": data},
                             headers={"X-Route": ",".join(dict.fromkeys(d.domain or "base" for d in decisions))})
 

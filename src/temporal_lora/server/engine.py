@@ -82,6 +82,14 @@ class Engine:
         with self._lock:
             return self.tl.route(texts)
 
+    def route_segments(self, texts: list[str], spec: str) -> list[list]:
+        """Segment-by-segment routes with hysteresis (segments.py), one list of segments per text."""
+        from temporal_lora.segments import SegmentConfig, SegmentRouter
+
+        router = SegmentRouter(self.tl, SegmentConfig.parse(spec))
+        with self._lock:
+            return [router.route(text) for text in texts]
+
     # ------------------------------------------------------------------ worker
     def _work(self) -> None:
         while True:

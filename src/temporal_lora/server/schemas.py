@@ -66,3 +66,4 @@ class ChatRequest(_Common):
 class RouteRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     input: str | list[str] = Field(description="text(s) to route")
+    segments: str | None = Field(default=None, description="route segment by segment: sentence, paragraph or tokens:K")
