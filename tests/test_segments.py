@@ -139,3 +139,11 @@ def test_server_route_returns_segments_on_request(tl):
         segs = rows[0]["segments"]
         assert segs[0]["start"] == 0 and all(s["domain"] in tl.domains for s in segs)
         assert httpx.post(url + "/v1/route", json={"input": text, "segments": "chapters"}).status_code == 400
+
+
+def test_generate_segments_cli(tiny_bundle, capsys):
+    assert main(["generate", "--bundle", str(tiny_bundle), "--segments", "tokens:4", "--max-new-tokens", "8",
+                 "--json", "def main(argv):"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    assert out["routes"][0]["source"] == "prompt" and isinstance(out["text"], str)
+    assert main(["generate", "--bundle", str(tiny_bundle), "--segments", "sentence", "x"]) == 2

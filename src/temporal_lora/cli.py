@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the base model's chat template")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+    p.add_argument("--segments", default=None, metavar="tokens:K",
+                   help="re-route every K generated tokens and switch adapters there (greedy; hard or soft)")
     _add_threshold(p)
 
     p = sub.add_parser("eval", help="evaluate a bundle on its test documents; write the report")
@@ -201,6 +203,22 @@ def cmd_route(args) -> None:
 
 def cmd_generate(args) -> None:
     tl = _load(args)
+    if args.segments:
+        from temporal_lora.errors import InputError
+        from temporal_lora.segments import SegmentConfig, generate_segmented
+
+        cfg = SegmentConfig.parse(args.segments)
+        if cfg.unit != "tokens" or args.mode == "topk" or args.domain or args.sample or args.chat:
+            raise InputError("--segments takes tokens:K with greedy hard/soft routing (no --domain/--sample/--chat)")
+        for prompt in args.prompt:
+            out = generate_segmented(tl, prompt, cfg=cfg, max_new_tokens=args.max_new_tokens, mode=args.mode,
+                                     repetition_penalty=args.repetition_penalty)
+            if args.json:
+                print(json.dumps(out))
+            else:
+                print("[routes: " + " | ".join(r["domain"] for r in out["routes"]) + "]")
+                print(prompt + out["text"])
+        return
     results = tl.generate(args.prompt, mode=args.mode, top_k=args.top_k, domain=args.domain,
                           max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                           temperature=args.temperature, repetition_penalty=args.repetition_penalty,
