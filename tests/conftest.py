@@ -40,3 +40,19 @@ def tiny_bundle(tmp_path_factory, tiny_llama) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     train_bundle(TINY_DOMAINS, out, base=str(tiny_llama), config=tiny_config(), progress=False, log=lambda *a: None)
     return out
+
+
+REAL_DOMAINS = ["medical", "code", "literature"]
+
+
+@pytest.fixture(scope="session")
+def real_bundle(tmp_path_factory):
+    """(TemporalLoRA, path): tiny adapters on the real embedded SmolLM2, shared by the `real` tests."""
+    from temporal_lora.train import train_bundle
+
+    cfg = TrainConfig(budget="test", block_size=64, batch_size=2, steps=3, lr=1e-3, warmup_steps=1,
+                      router_chunks=24, calib_chunks=8, eval_chunks=4,
+                      router=RouterConfig(features="hidden:-1", epochs=200))
+    out = tmp_path_factory.mktemp("real") / "bundle"
+    tl = train_bundle(REAL_DOMAINS, out, config=cfg, progress=False, log=lambda *a: None)
+    return tl, out

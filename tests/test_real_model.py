@@ -3,23 +3,10 @@
 import pytest
 import torch
 
-from temporal_lora.config import RouterConfig, TrainConfig
 from temporal_lora.evaluate import held_out_chunks
 from temporal_lora.model import TemporalLoRA
-from temporal_lora.train import train_bundle
 
 pytestmark = pytest.mark.real
-DOMAINS = ["medical", "code", "literature"]
-
-
-@pytest.fixture(scope="module")
-def real_bundle(tmp_path_factory):
-    cfg = TrainConfig(budget="test", block_size=64, batch_size=2, steps=3, lr=1e-3, warmup_steps=1,
-                      router_chunks=24, calib_chunks=8, eval_chunks=4,
-                      router=RouterConfig(features="hidden:-1", epochs=200))
-    out = tmp_path_factory.mktemp("real") / "bundle"
-    tl = train_bundle(DOMAINS, out, config=cfg, progress=False, log=lambda *a: None)
-    return tl, out
 
 
 def test_real_model_routes_held_out_documents(real_bundle):
