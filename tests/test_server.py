@@ -120,14 +120,16 @@ def test_concurrent_requests_are_batched_and_never_leak(server, client, texts):
                          "max_tokens": 6 + i % 5, "temperature": [0, 0.8, 1.3][i % 3], "top_p": [1, 0.9][i % 2],
                          "seed": 100 + i, "frequency_penalty": 0.5 * (i % 2)})
     alone = [client.completions.create(**r) for r in requests]
-    before = _metric(url, "tlora_batch_size_count")
+    single = 'tlora_batch_size_bucket{le="1.0"}'
+    steps_before, single_before = _metric(url, "tlora_batch_size_count"), _metric(url, single)
     with cf.ThreadPoolExecutor(len(requests)) as pool:
         together = list(pool.map(lambda r: client.completions.create(**r), requests))
-    batches = _metric(url, "tlora_batch_size_count") - before
+    steps = _metric(url, "tlora_batch_size_count") - steps_before
+    single_steps = _metric(url, single) - single_before
     for a, b in zip(alone, together, strict=True):
         assert a.choices[0].text == b.choices[0].text
         assert a.model_extra["routing"] == b.model_extra["routing"]
-    assert batches < len(requests)  # some requests shared a batch
+    assert single_steps < steps  # some decoding steps served several requests at once
 
 
 def test_n_choices_use_consecutive_seeds(client, texts):

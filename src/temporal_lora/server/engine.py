@@ -43,7 +43,7 @@ class Route:
     top_k: int = 2
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """One sequence to generate. `emit` receives ("route", decision, weights), ("text", delta),
     ("done", finish_reason, completion_tokens) or ("error", exception); it must be thread-safe."""
@@ -61,7 +61,7 @@ class Engine:
     def __init__(self, tl: TemporalLoRA, *, max_batch: int = 8, batch_wait_s: float = 0.01,
                  on_batch: Callable[[int], None] | None = None):
         self.tl = tl
-        self.on_batch = on_batch  # told the size of every batch (metrics)
+        self.on_batch = on_batch  # told the batch size at every decoding step (metrics)
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_s
         self.eos_ids = _eos_ids(tl)
@@ -91,59 +91,90 @@ class Engine:
             return [router.route(text) for text in texts]
 
     # ------------------------------------------------------------------ worker
-    def _work(self) -> None:
+    def _take(self, jobs: list[Job], limit: int, wait_s: float) -> tuple[list[Job], bool]:
+        """Add queued jobs to `jobs` up to `limit`, waiting at most `wait_s`; (jobs, stop requested).
+        Jobs whose client is already gone end here without computing anything."""
+        live: list[Job] = []
+        deadline = time.monotonic() + wait_s
+        stop = False
         while True:
-            job = self._queue.get()
+            for job in jobs:
+                if job.cancelled.is_set():
+                    job.emit("done", "cancelled", 0)
+                else:
+                    live.append(job)
+            if len(live) >= limit:
+                break
+            try:
+                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic())) if wait_s else \
+                    self._queue.get_nowait()
+            except queue.Empty:
+                break
             if job is None:
+                stop = True
+                break
+            jobs = [job]
+        return live, stop
+
+    def _work(self) -> None:
+        # Continuous batching: between two decoding steps, newly queued jobs are prefilled and join
+        # the running batch; finished sequences leave it at once.
+        active: _Batch | None = None
+        while True:
+            if active is None:
+                first = self._queue.get()
+                if first is None:
+                    return
+                # A short wait lets requests that arrive together share the first step.
+                jobs, stop = self._take([first], self.max_batch, self.batch_wait_s)
+            else:
+                jobs, stop = self._take([], self.max_batch - len(active.decoders), 0)
+            if stop:
                 return
-            batch = [job]
-            # A short wait lets requests that arrive together share the batch.
-            deadline = time.monotonic() + self.batch_wait_s
-            while len(batch) < self.max_batch:
-                try:
-                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                batch.append(nxt)
-            for j in batch:
-                if j.cancelled.is_set():  # its client is gone: end it without computing anything
-                    j.emit("done", "cancelled", 0)
-            batch = [j for j in batch if not j.cancelled.is_set()]
-            if not batch:
-                continue
-            if self.on_batch:
-                self.on_batch(len(batch))
             try:
                 with self._lock:
-                    self._run(batch)
-            except Exception as exc:  # noqa: BLE001 - reported to every waiting request
-                for j in batch:
-                    j.emit("error", exc)
+                    if jobs:
+                        fresh = self._prefill(jobs)
+                        active = fresh if active is None else active.join(fresh)
+                    if active is not None:
+                        if self.on_batch:
+                            self.on_batch(len(active.decoders))
+                        active = self._step(active)
+            except Exception as exc:  # noqa: BLE001 - reported to every request in the batch
+                failed = [d.job for d in active.decoders] if active else []
+                for job in failed + [j for j in jobs if j not in failed]:
+                    job.emit("error", exc)
+                active = None
 
     @torch.no_grad()
-    def _run(self, batch: list[Job]) -> None:
+    def _prefill(self, jobs: list[Job]) -> _Batch:
         tl = self.tl
-        weights = self._weights(batch)
-        input_ids, mask = _pad([j.prompt_ids for j in batch], tl.tokenizer.pad_token_id, left=True)
+        weights = self._weights(jobs)
+        input_ids, mask = _pad([j.prompt_ids for j in jobs], tl.tokenizer.pad_token_id, left=True)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        decoders = [_Decoder(j, tl.tokenizer, self.eos_ids) for j in batch]
         with tl.mixer.weights(weights):
             out = tl.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-            step = 0
-            while True:
-                logits = out.logits[:, -1].float()
-                tokens = [d.next_token(logits[row]) for row, d in enumerate(decoders)]
-                if all(d.finished for d in decoders):
-                    break
-                step += 1
-                nxt = torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
-                mask = torch.cat([mask, mask.new_ones(len(batch), 1)], dim=1)
-                positions = positions[:, -1:] + 1
-                out = tl.model(input_ids=nxt, attention_mask=mask, position_ids=positions,
-                               past_key_values=out.past_key_values, use_cache=True)
+        decoders = [_Decoder(j, tl.tokenizer, self.eos_ids) for j in jobs]
+        return _Batch(decoders, out.past_key_values, mask, positions[:, -1:], weights, out.logits[:, -1].float())
+
+    @torch.no_grad()
+    def _step(self, batch: _Batch) -> _Batch | None:
+        """Sample one token per row, drop finished rows, run one forward. None when all are done."""
+        tokens = [d.next_token(batch.logits[row]) for row, d in enumerate(batch.decoders)]
+        keep = [row for row, d in enumerate(batch.decoders) if not d.finished]
+        if not keep:
+            return None
+        if len(keep) < len(batch.decoders):
+            batch = batch.select(keep)
+        nxt = torch.tensor([tokens[row] for row in keep], dtype=torch.long).unsqueeze(1)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(keep), 1)], dim=1)
+        batch.positions = batch.positions + 1
+        with self.tl.mixer.weights(batch.weights):
+            out = self.tl.model(input_ids=nxt, attention_mask=batch.mask, position_ids=batch.positions,
+                                past_key_values=batch.cache, use_cache=True)
+        batch.cache = out.past_key_values
+        batch.logits = out.logits[:, -1].float()
+        return batch
 
     def _weights(self, batch: list[Job]) -> torch.Tensor:
         tl = self.tl
@@ -160,6 +191,56 @@ class Engine:
                 rows[i] = tl.domain_weights(j.route.domain, 1)[0]
                 j.emit("route", None, _named(tl, rows[i]))
         return torch.stack(rows)
+
+
+@dataclass
+class _Batch:
+    """Sequences decoding together: left-padded KV cache, attention mask, positions, adapter weights,
+    and the logits of each row's next token (not yet sampled)."""
+
+    decoders: list[_Decoder]
+    cache: object  # transformers DynamicCache, [batch, heads, time, dim] per layer
+    mask: torch.Tensor
+    positions: torch.Tensor
+    weights: torch.Tensor
+    logits: torch.Tensor
+
+    def _layers(self):
+        layers = getattr(self.cache, "layers", None)
+        if not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+            raise RuntimeError("continuous batching needs a plain dynamic KV cache")
+        return layers
+
+    def select(self, rows: list[int]) -> _Batch:
+        """Keep only `rows`; cut the left padding no remaining row needs."""
+        index = torch.tensor(rows, dtype=torch.long)
+        mask = self.mask[index]
+        start = int(mask.any(dim=0).nonzero()[0])
+        for layer in self._layers():
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+        return _Batch([self.decoders[r] for r in rows], self.cache, mask[:, start:], self.positions[index],
+                      self.weights[index], self.logits[index])
+
+    def join(self, other: _Batch) -> _Batch:
+        """One batch of both: the shorter history is padded on the left (masked, so it adds nothing)."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+
+        def left_pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = width - t.shape[dim]
+            if not missing:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for mine, theirs in zip(self._layers(), other._layers(), strict=True):
+            mine.keys = torch.cat([left_pad(mine.keys, 2), left_pad(theirs.keys, 2)])
+            mine.values = torch.cat([left_pad(mine.values, 2), left_pad(theirs.values, 2)])
+        return _Batch(self.decoders + other.decoders, self.cache,
+                      torch.cat([left_pad(self.mask, 1), left_pad(other.mask, 1)]),
+                      torch.cat([self.positions, other.positions]), torch.cat([self.weights, other.weights]),
+                      torch.cat([self.logits, other.logits]))
 
 
 def _named(tl: TemporalLoRA, row: torch.Tensor) -> dict[str, float]:

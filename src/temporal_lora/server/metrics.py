@@ -24,7 +24,7 @@ class Metrics:
                                    registry=r)
         self.in_flight = Gauge("tlora_requests_in_flight", "generation requests accepted and not finished",
                                registry=r)
-        self.batch_size = Histogram("tlora_batch_size", "sequences decoded together in one engine batch",
+        self.batch_size = Histogram("tlora_batch_size", "sequences decoded together, observed at every decoding step",
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.shed = Counter("tlora_requests_shed", "requests refused because the server was at its limit",
                             registry=r)
