@@ -152,8 +152,9 @@ def main() -> None:
     proc = start_server(args.bundle, port, args.max_batch, args.clients)
     try:
         refs, ref_wall = asyncio.run(references(url, requests))
+        before = _batch_stats(httpx.get(url + "/metrics").text)
         result = asyncio.run(load(url, requests, refs, args.clients, args.duration))
-        metrics = httpx.get(url + "/metrics").text
+        after = _batch_stats(httpx.get(url + "/metrics").text)
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
@@ -165,7 +166,8 @@ def main() -> None:
                              "tokens_per_s": round(sequential_tps, 2)},
               "concurrent": result,
               "throughput_ratio_vs_sequential": round(result["tokens_per_s"] / sequential_tps, 2),
-              "mean_batch_size": _mean_batch(metrics)}
+              # rows per decoding step during the concurrent phase (the engine's histogram, differenced)
+              "mean_batch_size": round((after[0] - before[0]) / max(1.0, after[1] - before[1]), 2)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "load.json").write_text(json.dumps(report, indent=2))
     md = table(report)
@@ -173,15 +175,14 @@ def main() -> None:
     print(md)
 
 
-def _mean_batch(metrics: str) -> float | None:
-    values = {}
+def _batch_stats(metrics: str) -> tuple[float, float]:
+    """(sum, count) of the engine's batch-size histogram: rows summed over decoding steps, steps."""
+    values = {"tlora_batch_size_sum": 0.0, "tlora_batch_size_count": 0.0}
     for line in metrics.splitlines():
-        for key in ("tlora_batch_size_sum", "tlora_batch_size_count"):
-            if line.startswith(key + " "):
-                values[key] = float(line.split()[-1])
-    if values.get("tlora_batch_size_count"):
-        return round(values["tlora_batch_size_sum"] / values["tlora_batch_size_count"], 2)
-    return None
+        name, _, value = line.partition(" ")
+        if name in values:
+            values[name] = float(value)
+    return values["tlora_batch_size_sum"], values["tlora_batch_size_count"]
 
 
 def table(r: dict) -> str:
