@@ -13,6 +13,10 @@ import uvicorn
 TINY_CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                       "{% if add_generation_prompt %}<assistant>{% endif %}")
 
+# Headless Chromium on a closed network: no background connections, first-run or component updates.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
 
 def load_served(bundle):
     """A bundle loaded for serving; the tiny test tokenizer gets a chat template. Each server in a

@@ -4,16 +4,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from serving import load_served, pick_domain_texts, running
+from serving import CHROMIUM_ARGS, load_served, pick_domain_texts, running
 
 from temporal_lora.server import create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Where the screenshot is kept for people to look at (runs/ is git-ignored).
 SCREENSHOT = Path(__file__).resolve().parents[1] / "runs" / "test-artifacts" / "playground.png"
-# Flags a closed network needs: no background connections, no first-run or component updates.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (make browser installs it)")
 
