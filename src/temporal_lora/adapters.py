@@ -47,13 +47,15 @@ def train_adapter(
     *,
     desc: str = "adapter",
     progress: bool = True,
+    init_from: Path | None = None,
 ) -> dict:
     """Train one LoRA adapter on `chunks` (equal-length token windows) and save it to `out_dir`.
 
     The base model is modified in place while training (PEFT injects LoRA layers) and restored
     with `unload()` afterwards, so the next domain starts from the same frozen base. Training runs
     through accelerate: under `accelerate launch` the same code uses every GPU/process.
-    Returns a JSON-ready training summary.
+    Returns a JSON-ready training summary. `init_from` (a saved adapter folder with the same
+    config) starts from those weights instead of a fresh LoRA: the sequential-fine-tuning baseline.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -65,6 +67,11 @@ def train_adapter(
     set_seed(cfg.seed)
     accelerator = Accelerator()
     peft_model = get_peft_model(model, lora_config(model, cfg.adapter))
+    if init_from is not None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(peft_model, load_file(str(Path(init_from) / "adapter_model.safetensors")))
     data = torch.tensor(chunks, dtype=torch.long)
     generator = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(
