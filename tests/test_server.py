@@ -160,6 +160,13 @@ def test_limits_and_bad_input_get_openai_errors(server, client, texts):
         client.completions.create(model="auto", prompt="", max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="auto", prompt="x", temperature=5)
+    with pytest.raises(openai.BadRequestError, match="at most 32 sequences"):
+        client.completions.create(model="auto", prompt=["x = 1"] * 5, n=8)
+    surrogate = httpx.post(url + "/v1/completions", content=b'{"model": "auto", "prompt": "\\ud800x"}',
+                           headers={"content-type": "application/json"})
+    assert surrogate.status_code == 400 and "not valid Unicode" in surrogate.json()["error"]["message"]
+    huge_seed = client.completions.create(model="code", prompt="x = 1", max_tokens=2, n=2, seed=2**63 - 1)
+    assert len(huge_seed.choices) == 2
     big = httpx.post(url + "/v1/completions", content=b'{"prompt": "' + b"a" * 60_000 + b'"}',
                      headers={"content-type": "application/json"})
     assert big.status_code == 413 and "limit of 50000 bytes" in big.json()["error"]["message"]

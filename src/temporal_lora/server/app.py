@@ -35,6 +35,7 @@ from temporal_lora.server.schemas import ChatRequest, CompletionRequest, RouteRe
 # can switch domain while a short follow-up ("and the dose?") keeps the conversation's domain.
 CHAT_ROUTE_TOKENS = 64
 MAX_STOPS = 4
+MAX_SEQUENCES = 32  # prompts x n in one request
 KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/route"}
 
 
@@ -263,9 +264,12 @@ def create_app(tl: TemporalLoRA, settings: ServerSettings | None = None) -> Fast
         raise APIError(404, f"model {model!r} does not exist; available: {', '.join(model_ids)}",
                        param="model", code="model_not_found")
 
-    def encode(text: str, what: str) -> list[int]:
-        ids = tl.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not ids:
+    def encode(text: str, what: str, *, allow_empty: bool = False) -> list[int]:
+        try:
+            ids = tl.tokenizer(text, add_special_tokens=False)["input_ids"]
+        except (TypeError, ValueError) as exc:  # e.g. lone surrogates, which JSON can carry
+            raise APIError(400, f"{what} is not valid Unicode text", param=what) from exc
+        if not ids and not allow_empty:
             raise APIError(400, f"{what} is empty", param=what)
         return ids
 
@@ -283,7 +287,7 @@ def create_app(tl: TemporalLoRA, settings: ServerSettings | None = None) -> Fast
             raise APIError(400, f"at most {MAX_STOPS} stop strings", param="stop")
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         return Sampling(max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p,
-                        seed=seed + index, stop=stops, presence_penalty=req.presence_penalty,
+                        seed=(seed + index) % 2**63, stop=stops, presence_penalty=req.presence_penalty,
                         frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty)
 
     def max_new_for(req: _Common, requested: int | None) -> int:
@@ -488,6 +492,8 @@ def create_app(tl: TemporalLoRA, settings: ServerSettings | None = None) -> Fast
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         if not prompts:
             raise APIError(400, "prompt is empty", param="prompt")
+        if len(prompts) * req.n > MAX_SEQUENCES:
+            raise APIError(400, f"at most {MAX_SEQUENCES} sequences per request (prompts x n)", param="prompt")
         max_new = max_new_for(req, req.max_tokens)
         ids = [encode(p, "prompt") for p in prompts]
         for p in ids:
@@ -520,7 +526,7 @@ def create_app(tl: TemporalLoRA, settings: ServerSettings | None = None) -> Fast
         picked, tokens = [], 0
         for text in reversed(turns):
             picked.insert(0, text)
-            tokens += len(tl.tokenizer(text, add_special_tokens=False)["input_ids"])
+            tokens += len(encode(text, "messages", allow_empty=True))
             if tokens >= CHAT_ROUTE_TOKENS:
                 break
         return "\n".join(picked)
