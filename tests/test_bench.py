@@ -2,13 +2,26 @@
 Timings are never asserted (benchmarks measure, tests check)."""
 
 import json
+from dataclasses import replace
 
 from conftest import TINY_DOMAINS
 
-from temporal_lora.bench import BenchBudget, backward_transfer, run_bench
+from temporal_lora.bench import BenchBudget, backward_transfer, run_bench, sotu_documents
 
 TINY = BenchBudget(name="test", ppl_chunks=3, router_chunks=6, ood_chunks=4, repeats=1, new_tokens=3,
-                   prompt_tokens=12, confusable=["code", "legal"], minilm=False, arrow=True)
+                   prompt_tokens=12, minilm=False, arrow=True, baseline_steps=1)
+
+
+def _eras(folder):
+    """Two small close corpora: State of the Union speeches before 1830 and after 1990."""
+    docs = sotu_documents()
+    eras = {"early": [d for d in docs if d.id < "1830"][:12], "modern": [d for d in docs if d.id > "1990"][:12]}
+    paths = {}
+    for name, chosen in eras.items():
+        path = folder / f"{name}.jsonl"
+        path.write_text("\n".join(json.dumps({"id": d.id, "text": d.text[:6000]}) for d in chosen))
+        paths[name] = str(path)
+    return paths
 
 
 def test_backward_transfer_sign():
@@ -19,7 +32,8 @@ def test_backward_transfer_sign():
 
 def test_bench_report_schema(tiny_bundle, tiny_llama, tmp_path):
     out = tmp_path / "bench"
-    report = run_bench(out, bundle=tiny_bundle, base=str(tiny_llama), budget=TINY, progress=False, log=lambda *a: None)
+    budget = replace(TINY, confusable=_eras(tmp_path))
+    report = run_bench(out, bundle=tiny_bundle, base=str(tiny_llama), budget=budget, progress=False, log=lambda *a: None)
     saved = json.loads((out / "bench.json").read_text())
     assert saved["budget"] == "test" and saved["hardware"]
     strategies = {"base", "oracle", "hard", "soft", "top2", "sequential", "multitask", "merged_linear",
@@ -39,7 +53,7 @@ def test_bench_report_schema(tiny_bundle, tiny_llama, tmp_path):
     assert set(saved["bwt"]) == {"sequential", "temporal"}
     for key in ("accuracy", "macro_f1", "ece", "accuracy_by_length"):
         assert key in saved["router"]
-    assert saved["confusable"]["domains"] == ["code", "legal"]
+    assert saved["confusable"]["domains"] == ["early", "modern"]
     assert 0 <= saved["confusable"]["accuracy"] <= 1
     for key in ("routing_overhead_ratio", "mixed_batch_speedup_vs_peft", "soft_vs_hard_ratio", "router_refresh_seconds"):
         assert saved["speed"][key] > 0 or key == "router_refresh_seconds"
@@ -50,5 +64,5 @@ def test_bench_report_schema(tiny_bundle, tiny_llama, tmp_path):
         assert (out / name).stat().st_size > 0
     assert "| Temporal LoRA, hard |" in (out / "bench.md").read_text()
     # a rerun resumes: every phase and every baseline adapter is reused, the report is identical
-    again = run_bench(out, bundle=tiny_bundle, base=str(tiny_llama), budget=TINY, progress=False, log=lambda *a: None)
+    again = run_bench(out, bundle=tiny_bundle, base=str(tiny_llama), budget=budget, progress=False, log=lambda *a: None)
     assert again["ppl"] == report["ppl"] and again["speed"] == report["speed"]

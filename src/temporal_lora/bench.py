@@ -9,6 +9,7 @@ The report (bench.json, bench.md, plots) is written at the end.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import time
 import zipfile
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -51,12 +52,12 @@ class BenchBudget:
     repeats: int = 3  # timing repeats (medians reported)
     new_tokens: int = 64
     prompt_tokens: int = 32
-    confusable: str | list[str] = "pubmed-types"  # or a list of built-in domain names
+    confusable: str | list[str] | dict[str, str] = "pubmed-types"  # or built-in names, or {name: corpus path}
     confusable_docs: int = 1500  # per confusable domain, at most
     minilm: bool = True
     arrow: bool = True
     merge_methods: tuple[str, ...] = ("linear", "cat", "ties")
-    extra: dict = field(default_factory=dict)
+    baseline_steps: int | None = None  # per-domain steps of the baselines; None = the bundle's (tests only)
 
 
 def bench_budget(name: str) -> BenchBudget:
@@ -279,6 +280,8 @@ def run_bench(out: str | Path, *, bundle: str | Path | None = None, base: str | 
     tl = load()
     domains = tl.domains
     cfg = train_config_from(tl.info["train_config"])
+    if b.baseline_steps:
+        cfg = replace(cfg, steps=b.baseline_steps)
     test_sets = held_out_chunks(tl, max(b.router_chunks, b.ppl_chunks), block_size=cfg.block_size, seed=cfg.seed)
     ppl_sets = {d: c[: b.ppl_chunks] for d, c in test_sets.items()}
     memory = phases.run("memory", lambda: measure_memory(tl, bundle))
@@ -288,13 +291,22 @@ def run_bench(out: str | Path, *, bundle: str | Path | None = None, base: str | 
         src = tl.info["data"][d]["source"]
         return {d: Path(src.removeprefix("path:"))} if src.startswith("path:") else {}
 
-    data = {d: load_domain_data(d, paths_of(d), cfg.seed) for d in domains}
-    n_train = cfg.steps * cfg.batch_size
-    train_chunks = {d: chunks_tensor(dd.splits.train, tl.tokenizer, cfg, n_train, cfg.seed, d).tolist()
-                    for d, dd in data.items()}
-    router_data = {d: (chunks_tensor(dd.splits.train, tl.tokenizer, cfg, cfg.router_chunks, cfg.seed + 1, d),
-                       chunks_tensor(dd.splits.val, tl.tokenizer, cfg, cfg.calib_chunks, cfg.seed, d))
-                   for d, dd in data.items()}
+    # Loaded only when a phase that needs them runs (a resumed run may need none).
+    @functools.cache
+    def data():
+        return {d: load_domain_data(d, paths_of(d), cfg.seed) for d in domains}
+
+    @functools.cache
+    def train_chunks():
+        n_train = cfg.steps * cfg.batch_size
+        return {d: chunks_tensor(dd.splits.train, tl.tokenizer, cfg, n_train, cfg.seed, d).tolist()
+                for d, dd in data().items()}
+
+    @functools.cache
+    def router_data():
+        return {d: (chunks_tensor(dd.splits.train, tl.tokenizer, cfg, cfg.router_chunks, cfg.seed + 1, d),
+                    chunks_tensor(dd.splits.val, tl.tokenizer, cfg, cfg.calib_chunks, cfg.seed, d))
+                for d, dd in data().items()}
 
     # Baseline adapters: trained on a clean base (a second copy; the bundle's model has LoRA layers).
     from temporal_lora.backbone import load_backbone
@@ -304,8 +316,8 @@ def run_bench(out: str | Path, *, bundle: str | Path | None = None, base: str | 
     mt_dir = work / "multitask"
     if not all((p / "training.json").is_file() for p in [*seq_dirs.values(), mt_dir]):
         clean, _, _ = load_backbone(base or tl.base_id)
-        seq_dirs = train_sequential(clean, train_chunks, work / "sequential", cfg, progress=progress, log=log)
-        train_multitask(clean, train_chunks, mt_dir, cfg, progress=progress, log=log)
+        seq_dirs = train_sequential(clean, train_chunks(), work / "sequential", cfg, progress=progress, log=log)
+        train_multitask(clean, train_chunks(), mt_dir, cfg, progress=progress, log=log)
         del clean
     training = {
         "sequential": [json.loads((p / "training.json").read_text()) for p in seq_dirs.values()],
@@ -323,13 +335,13 @@ def run_bench(out: str | Path, *, bundle: str | Path | None = None, base: str | 
         merge_adapters(tl.peft_model, domains, method, f"merged_{method}")
 
     quality = phases.run("quality", lambda: measure_quality(tl, ppl_sets, b))
-    forgetting = phases.run("forgetting", lambda: measure_forgetting(tl, ppl_sets, router_data, cfg, quality))
+    forgetting = phases.run("forgetting", lambda: measure_forgetting(tl, ppl_sets, router_data(), cfg, quality))
     routing = phases.run("router", lambda: {
         "metrics": router_metrics(tl, test_sets),
         **calibration_and_abstention(tl, test_sets, b, cfg),
     })
     if b.minilm:
-        phases.run("minilm", lambda: measure_minilm(tl, test_sets, ppl_sets, router_data, cfg, quality))
+        phases.run("minilm", lambda: measure_minilm(tl, test_sets, ppl_sets, router_data(), cfg, quality))
     if b.arrow:
         def arrow():
             from temporal_lora.baselines import arrow_model
@@ -528,7 +540,7 @@ def measure_confusable(tl, cfg: TrainConfig, b: BenchBudget, log) -> dict:
     documents. Routing only: the router never sees adapters, so no adapters are trained."""
     from types import SimpleNamespace
 
-    from temporal_lora.corpora import load_builtin
+    from temporal_lora.corpora import load_builtin, load_user_corpus
     from temporal_lora.data import dedupe, split_documents
     from temporal_lora.evaluate import router_metrics
     from temporal_lora.train import chunks_tensor, train_router
@@ -537,6 +549,9 @@ def measure_confusable(tl, cfg: TrainConfig, b: BenchBudget, log) -> dict:
         docs = pubmed_type_documents(b.confusable_docs)
         source = "PubMed abstracts by MEDLINE PublicationType: " + ", ".join(
             f"{k}={v}" for k, v in PUBMED_TYPES.items())
+    elif isinstance(b.confusable, dict):  # {name: corpus path}, like --data NAME=PATH
+        docs = {d: load_user_corpus(p) for d, p in b.confusable.items()}
+        source = "corpora " + ", ".join(f"{d}={p}" for d, p in b.confusable.items())
     else:
         docs = {d: load_builtin(d, progress=False) for d in b.confusable}
         source = "built-in domains " + ", ".join(b.confusable)
