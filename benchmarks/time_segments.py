@@ -172,9 +172,10 @@ def stream_nll(tl, ids: list[int], weights: torch.Tensor) -> float:
     return float(torch.nn.functional.cross_entropy(logits[0], x[0, 1:], reduction="sum"))
 
 
-def perplexity_table(tl, streams: list[dict], cfg: SegmentConfig) -> dict:
+def perplexity_table(tl, streams: list[dict], cfg: SegmentConfig, strategies: tuple[str, ...] | None = None) -> dict:
     router = SegmentRouter(tl, cfg)
     k = len(tl.domains)
+    wanted = strategies
     totals: dict[str, float] = {}
     tokens = 0
     per_stream = []
@@ -198,6 +199,8 @@ def perplexity_table(tl, streams: list[dict], cfg: SegmentConfig) -> dict:
         }
         row = {"kind": s["kind"], "a": s["a"], "b": s.get("b")}
         for name, w in strategies.items():
+            if wanted is not None and name not in wanted:
+                continue
             nll = stream_nll(tl, ids, w)
             totals[name] = totals.get(name, 0.0) + nll
             row[name] = round(math.exp(nll / (n - 1)), 3)
@@ -217,10 +220,18 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1, help="streams per domain pair")
     ap.add_argument("--sizes", default="16,32,64")
     ap.add_argument("--ppl-streams", type=int, default=25, help="mixed streams scored for perplexity")
+    ap.add_argument("--sweep-test", action="store_true",
+                    help="instead: every smoothing/margin setting on the test streams (hard routing), and "
+                         "perplexity for --ppl-config on --ppl-streams mixed streams")
+    ap.add_argument("--ppl-config", default="32,1.0,0.0,2",
+                    help="size,smoothing,margin,confirm for --sweep-test perplexity")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     tl = TemporalLoRA.from_pretrained(args.bundle)
+    if args.sweep_test:
+        sweep_test(tl, args)
+        return
     sizes = [int(s) for s in args.sizes.split(",")]
     grid = [(sm, mg) for sm in (1.0, 0.7, 0.5) for mg in (0.0, 0.1, 0.2, 0.4)]
 
@@ -280,6 +291,47 @@ def main() -> None:
     (args.out / "segments.md").write_text(md)
     plot_weights(tl, test, cfg, args.out)
     print(md)
+
+
+GRID = [(sm, mg, cf) for cf in (1, 2) for sm in (1.0, 0.7, 0.5) for mg in (0.0, 0.1, 0.2, 0.4)]
+
+
+def sweep_test(tl, args) -> None:
+    sizes = [int(s) for s in args.sizes.split(",")]
+    test = build_streams(tl, "test_ids", args.piece, seed=2, reps=args.reps)  # the same streams as main()
+    rows = []
+    for size in sizes:
+        probs = segment_probs_for(SegmentRouter(tl, SegmentConfig(size=size)), test, size)
+        for sm, mg, cf in GRID:
+            r = evaluate_config(tl, test, probs, SegmentConfig(size=size, smoothing=sm, margin=mg, confirm=cf),
+                                args.piece)
+            rows.append({"size": size, "smoothing": sm, "margin": mg, "confirm": cf, "test": r})
+    size, sm, mg, cf = args.ppl_config.split(",")
+    cfg = SegmentConfig(size=int(size), smoothing=float(sm), margin=float(mg), confirm=int(cf))
+    rng = random.Random(3)
+    mixed = rng.sample(test["A->B->A"] + test["A->mix->A"], min(args.ppl_streams, 25))
+    ppl = perplexity_table(tl, mixed, cfg, strategies=("oracle per segment", "segment hard", "segment soft",
+                                                       "segment hard (causal)"))
+    result = {"bundle": str(args.bundle), "streams": {k: len(v) for k, v in test.items()}, "sweep": rows,
+              "perplexity_config": {"size": cfg.size, "smoothing": cfg.smoothing, "margin": cfg.margin,
+                                    "confirm": cfg.confirm},
+              "perplexity": ppl}
+    (args.out / "segments_sweep.json").write_text(json.dumps(result, indent=2))
+    lines = ["| segment | smoothing | margin | confirm | A->B->A switch-lag | A->B->A return-gap | A->mix->A return-gap "
+             "| flaps (docs flapping) |", "|---|---:|---:|---:|---|---|---|---|"]
+    for row in rows:
+        t = row["test"]
+        lines.append(f"| {row['size']} tokens | {row['smoothing']} | {row['margin']} | {row['confirm']} | "
+                     f"{_lag(t['A->B->A']['switch_lag'])} | {_lag(t['A->B->A']['return_gap'])} | "
+                     f"{_lag(t['A->mix->A']['return_gap'])} | {t['single']['flaps']} "
+                     f"({t['single']['flapping_docs']}/{result['streams']['single']}) |")
+    lines += ["", f"Perplexity with segments of {cfg.size} tokens, smoothing {cfg.smoothing}, margin {cfg.margin}, "
+              f"confirm {cfg.confirm} "
+              f"({ppl['streams']} mixed streams, {ppl['tokens']} tokens):", "", "| strategy | perplexity | vs oracle |",
+              "|---|---:|---:|"]
+    lines += [f"| {n} | {v:.3f} | {ppl['vs_oracle'][n]:+.2%} |" for n, v in ppl["perplexity"].items()]
+    (args.out / "segments_sweep.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def _lag(x: dict | None) -> str:

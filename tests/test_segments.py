@@ -24,8 +24,8 @@ def tl(tiny_bundle):
     return TemporalLoRA.from_pretrained(tiny_bundle)
 
 
-def _run(probs, smoothing=0.6, margin=0.2):
-    state = HysteresisState(smoothing, margin)
+def _run(probs, smoothing=0.6, margin=0.2, confirm=1):
+    state = HysteresisState(smoothing, margin, confirm)
     return [state.step(torch.tensor(p))[1] for p in probs], state.switches
 
 
@@ -47,6 +47,15 @@ def test_margin_and_no_smoothing():
     assert _run([[0.6, 0.4], [0.4, 0.6], [0.6, 0.4]], smoothing=1.0, margin=0.0)[1] == 2
     # a wide margin holds the first decision against weak evidence
     assert _run([[0.6, 0.4], [0.4, 0.6], [0.35, 0.65]], smoothing=1.0, margin=0.5)[1] == 0
+
+
+def test_confirmation_needs_consecutive_segments():
+    a, b = [0.97, 0.03], [0.03, 0.97]
+    # without smoothing or margin a single odd segment flips twice; confirm=2 ignores it ...
+    assert _run([a, b, a, a], smoothing=1.0, margin=0.0)[1] == 2
+    assert _run([a, b, a, a], smoothing=1.0, margin=0.0, confirm=2)[1] == 0
+    # ... and a real change switches on its second segment
+    assert _run([a, a, b, b, b], smoothing=1.0, margin=0.0, confirm=2)[0] == [0, 0, 0, 1, 1]
 
 
 def test_config_validation():

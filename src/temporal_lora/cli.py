@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="route each text segment by segment: sentence, paragraph or tokens:K (with hysteresis)")
     p.add_argument("--smoothing", type=float, default=None, help="segment routing: weight of the newest segment")
     p.add_argument("--margin", type=float, default=None, help="segment routing: switching margin")
+    p.add_argument("--confirm", type=int, default=None, help="segment routing: segments a challenger must lead")
 
     p = sub.add_parser("generate", help="generate with routed adapters; prints the text and its route")
     p.add_argument("--bundle", required=True, type=Path)
@@ -188,7 +189,8 @@ def cmd_route(args) -> None:
     if args.segments:
         from temporal_lora.segments import SegmentConfig, SegmentRouter
 
-        knobs = {k: v for k, v in (("smoothing", args.smoothing), ("margin", args.margin)) if v is not None}
+        knobs = {k: v for k, v in (("smoothing", args.smoothing), ("margin", args.margin),
+                                   ("confirm", args.confirm)) if v is not None}
         router = SegmentRouter(tl, SegmentConfig.parse(args.segments, **knobs))
         for text in texts:
             segments = router.route(text)

@@ -7,7 +7,8 @@ still following a real change of topic:
 
 * smoothing: `s_j = a * p_j + (1 - a) * s_{j-1}` (exponential moving average, a = `smoothing`);
 * switching margin: the active domain changes only when another domain's smoothed probability
-  beats the active one's by more than `margin`.
+  beats the active one's by more than `margin`;
+* confirmation: ... and only once it has done so for `confirm` consecutive segments.
 
 Hard routing applies the active domain's adapter, soft routing the smoothed probabilities.
 The router is causal: segment j's decision uses segments 0..j only, so the same state machine
@@ -39,12 +40,13 @@ class SegmentConfig:
     context: int = 0  # preceding tokens the router reads along with each segment
     smoothing: float = 0.6  # weight of the newest segment in the moving average (1 = none)
     margin: float = 0.2  # a challenger must beat the active domain's smoothed probability by this
+    confirm: int = 1  # ... for this many consecutive segments before the adapter switches
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
             raise InputError(f"unknown segment unit {self.unit!r}; choose from {', '.join(UNITS)}")
-        if self.size < 1 or self.min_tokens < 1 or self.context < 0:
-            raise InputError("segment size and min_tokens must be >= 1, context >= 0")
+        if self.size < 1 or self.min_tokens < 1 or self.context < 0 or self.confirm < 1:
+            raise InputError("segment size, min_tokens and confirm must be >= 1, context >= 0")
         if not 0 < self.smoothing <= 1:
             raise InputError(f"smoothing must be in (0, 1], got {self.smoothing}")
         if not 0 <= self.margin < 1:
@@ -81,9 +83,11 @@ class HysteresisState:
 
     smoothing: float
     margin: float
+    confirm: int = 1
     smoothed: torch.Tensor | None = None
     active: int | None = None
     switches: int = field(default=0)
+    _pending: tuple[int, int] = (-1, 0)  # (challenger, consecutive segments it has led)
 
     def step(self, probs: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
         probs = probs.float()
@@ -94,8 +98,14 @@ class HysteresisState:
         if self.active is None:
             self.active = best
         elif best != self.active and float(self.smoothed[best] - self.smoothed[self.active]) > self.margin:
-            self.active, switched = best, True
-            self.switches += 1
+            count = self._pending[1] + 1 if self._pending[0] == best else 1
+            self._pending = (best, count)
+            if count >= self.confirm:
+                self.active, switched = best, True
+                self.switches += 1
+                self._pending = (-1, 0)
+        else:
+            self._pending = (-1, 0)
         return self.smoothed, self.active, switched
 
 
@@ -158,7 +168,7 @@ class SegmentRouter:
 
     def decide(self, probs: torch.Tensor, spans: list[tuple[int, int]], ids: list[int] | None = None,
                with_text: bool = False) -> list[Segment]:
-        state = HysteresisState(self.cfg.smoothing, self.cfg.margin)
+        state = HysteresisState(self.cfg.smoothing, self.cfg.margin, self.cfg.confirm)
         out = []
         for (a, b), p in zip(spans, probs, strict=True):
             smoothed, active, switched = state.step(p)
@@ -213,7 +223,7 @@ def generate_segmented(tl, prompt: str, *, cfg: SegmentConfig | None = None, max
     ids, spans = split_spans(prompt, tl.tokenizer, cfg)
     if len(ids) + max_new_tokens > tl.context_length:
         raise InputError(f"prompt of {len(ids)} tokens plus {max_new_tokens} new tokens exceeds the context")
-    state = HysteresisState(cfg.smoothing, cfg.margin)
+    state = HysteresisState(cfg.smoothing, cfg.margin, cfg.confirm)
     for p in router.segment_probs(ids, spans):
         state.step(p)
 
