@@ -263,8 +263,11 @@ def run_bench(out: str | Path, *, bundle: str | Path | None = None, base: str | 
 
     b = bench_budget(budget) if isinstance(budget, str) else budget
     out = Path(out)
-    work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
+    work = out / "work"  # created by the first thing written there: a bad bundle leaves nothing behind
+    if bundle is not None:
+        from temporal_lora.bundle import read_manifest
+
+        read_manifest(Path(bundle))
     phases = _Phases(work, log)
     t_start = time.perf_counter()
 
