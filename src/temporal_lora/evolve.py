@@ -132,14 +132,7 @@ def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None,
         after = replay_accuracy(router, old_replay, labels)
 
         splits = _splits(bundle, manifest)
-        splits[name] = {
-            "source": dd.source,
-            "documents": len(dd.splits.train) + len(dd.splits.val) + len(dd.splits.test),
-            "dropped_duplicates": dd.dropped_duplicates,
-            "train_documents": len(dd.splits.train),
-            "val_ids": [d.id for d in dd.splits.val],
-            "test_ids": [d.id for d in dd.splits.test],
-        }
+        splits[name] = dd.split_summary()
         training = summary | {"source": dd.source, "seed": cfg.seed}
 
         def fill(tmp: Path, old: dict) -> dict:

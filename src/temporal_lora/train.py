@@ -32,6 +32,13 @@ class DomainData:
     splits: Splits
     dropped_duplicates: int
 
+    def split_summary(self) -> dict:
+        """What the bundle records about this domain's data (data/splits.json): which documents are held out."""
+        s = self.splits
+        return {"source": self.source, "documents": len(s.train) + len(s.val) + len(s.test),
+                "dropped_duplicates": self.dropped_duplicates, "train_documents": len(s.train),
+                "val_ids": [d.id for d in s.val], "test_ids": [d.id for d in s.test]}
+
 
 def validate_domains(domains: list[str]) -> list[str]:
     """Check names before any expensive work starts."""
@@ -150,14 +157,7 @@ def train_bundle(
             summary = train_adapter(model, train_chunks.tolist(), work / name, cfg, desc=name, progress=progress)
             timing[f"adapter_{name}"] = time.perf_counter() - t0
             training[name] = summary | {"source": dd.source, "seed": cfg.seed}
-            splits_info[name] = {
-                "source": dd.source,
-                "documents": len(dd.splits.train) + len(dd.splits.val) + len(dd.splits.test),
-                "dropped_duplicates": dd.dropped_duplicates,
-                "train_documents": len(dd.splits.train),
-                "val_ids": [d.id for d in dd.splits.val],
-                "test_ids": [d.id for d in dd.splits.test],
-            }
+            splits_info[name] = dd.split_summary()
         if fingerprint(model) != base_fp:  # adapters must never touch the base
             raise RuntimeError("base model weights changed during adapter training")
 
