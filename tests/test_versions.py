@@ -129,3 +129,22 @@ def test_history_cli(grown, capsys):
     assert main(["history", "--bundle", str(grown[0])]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and "add-domain medical" in lines[1] and "(current)" in lines[1]
+
+
+def test_replay_memory_file_is_byte_identical_when_rewritten(tmp_path):
+    """The file's bytes depend only on its content (checksums and round trips rely on it)."""
+    import hashlib
+
+    import torch
+
+    from temporal_lora.replay import load_replay, save_replay
+
+    features = {d: {"train": torch.randn(6, 4), "calib": torch.randn(2, 4)} for d in ("code", "legal")}
+    digests = set()
+    for i in range(8):
+        save_replay(tmp_path / f"r{i}.safetensors", features, [8, 16])
+        digests.add(hashlib.sha256((tmp_path / f"r{i}.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    loaded, lengths = load_replay(tmp_path / "r0.safetensors")
+    assert lengths == [8, 16] and list(loaded) == ["code", "legal"]
+    assert torch.equal(loaded["legal"]["calib"], features["legal"]["calib"].half())

@@ -58,7 +58,9 @@ def fit_router(features: dict[str, dict[str, torch.Tensor]], router_cfg: RouterC
 def save_replay(path: Path, features: dict[str, dict[str, torch.Tensor]], lengths: list[int]) -> None:
     """Write the memory as float16 safetensors; keys are '<domain>.train' and '<domain>.calib'."""
     tensors = {f"{d}.{part}": t.to(torch.float16).contiguous() for d, f in features.items() for part, t in f.items()}
-    meta = {"domains": json.dumps(list(features)), "prefix_lengths": json.dumps(list(lengths))}
+    # One metadata key: safetensors writes several in a random order, and a bundle's files must be
+    # byte-identical when nothing changed (checksums, round trips).
+    meta = {"replay": json.dumps({"domains": list(features), "prefix_lengths": list(lengths)})}
     save_file(tensors, str(path), metadata=meta)
 
 
@@ -67,8 +69,8 @@ def load_replay(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], list[in
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-            domains = json.loads(meta["domains"])
-            lengths = json.loads(meta["prefix_lengths"])
+            info = json.loads(meta["replay"])
+            domains, lengths = info["domains"], info["prefix_lengths"]
             features = {d: {part: fh.get_tensor(f"{d}.{part}") for part in ("train", "calib")} for d in domains}
     except (OSError, KeyError, ValueError) as exc:
         raise BundleError(f"router replay memory {path} is unreadable: {exc}") from exc
