@@ -61,6 +61,8 @@ def test_generate_prints_text_and_route(capsys, tiny_bundle):
         (["route", "--bundle", "{tmp}/nobundle", "hello"], "does not exist"),
         (["route", "--bundle", "{bundle}", ""], "input 0 is empty"),
         (["route", "--bundle", "{bundle}", "   \n"], "input 0 is empty"),
+        # invalid UTF-8 on the command line arrives as a lone surrogate
+        (["route", "--bundle", "{bundle}", "ok", "\udcff"], "input 1 is not valid Unicode text"),
         (["route", "--bundle", "{bundle}"], "no input"),
         (["route", "--bundle", "{bundle}", "--jsonl", "{tmp}/bad.jsonl"], "line 1: not valid JSON"),
         (["route", "--bundle", "{bundle}", "--jsonl", "{tmp}/empty.jsonl"], "input 1 is empty"),

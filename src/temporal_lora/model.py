@@ -215,7 +215,7 @@ class TemporalLoRA:
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 raise InputError(f"input {i} is empty")
-            tokens = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            tokens = tokenize(self.tokenizer, text, f"input {i}")
             if not tokens:
                 raise InputError(f"input {i} has no tokens")
             ids.append(tokens)
@@ -242,7 +242,7 @@ class TemporalLoRA:
             abstained = conf < threshold
             result.append(RouteDecision(
                 domain=None if abstained else self.domains[idx],
-                probs={d: round(float(p), 6) for d, p in zip(self.domains, row, strict=True)},
+                probs=self.named(row),
                 confidence=round(conf, 6),
                 abstained=abstained,
             ))
@@ -267,6 +267,10 @@ class TemporalLoRA:
             w = torch.zeros_like(probs).scatter(1, top.indices, top.values)
             w = w / w.sum(dim=1, keepdim=True)
         return w * keep.unsqueeze(1).to(w.dtype)
+
+    def named(self, row: torch.Tensor) -> dict[str, float]:
+        """One row of per-domain values (probabilities, adapter weights) as {domain: value} for JSON."""
+        return {d: round(float(x), 6) for d, x in zip(self.domains, row, strict=True)}
 
     def domain_weights(self, domain: str | None, n: int) -> torch.Tensor:
         """Weights that force one domain's adapter (or the base model for None/'base')."""
@@ -303,7 +307,7 @@ class TemporalLoRA:
                                    repetition_penalty=repetition_penalty)
         return [
             Generation(prompt=p, text=t, mode=("forced" if domain else mode), route=r,
-                       weights={d: round(float(x), 6) for d, x in zip(self.domains, w, strict=True)})
+                       weights=self.named(w))
             for p, t, r, w in zip(prompts, texts, routes, weights, strict=True)
         ]
 
@@ -340,6 +344,15 @@ class TemporalLoRA:
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
             out.append(nll.sum(dim=1))
         return torch.cat(out)
+
+
+def tokenize(tokenizer, text: str, what: str) -> list[int]:
+    """Token ids of `text` as training saw it (no special tokens); text the tokenizer cannot take
+    (lone surrogates, e.g. from invalid UTF-8 on a command line or in JSON) is a clear InputError."""
+    try:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{what} is not valid Unicode text") from exc
 
 
 def _pad(seqs: list[list[int]], pad_id: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -185,11 +185,11 @@ class Engine:
             for i, p, decision in zip(routed, probs, tl.decisions(probs), strict=True):
                 r = batch[i].route
                 rows[i] = tl.mix_weights(p.unsqueeze(0), r.mode, r.top_k)[0]
-                batch[i].emit("route", decision, _named(tl, rows[i]))
+                batch[i].emit("route", decision, tl.named(rows[i]))
         for i, j in enumerate(batch):
             if j.route.domain is not None:
                 rows[i] = tl.domain_weights(j.route.domain, 1)[0]
-                j.emit("route", None, _named(tl, rows[i]))
+                j.emit("route", None, tl.named(rows[i]))
         return torch.stack(rows)
 
 
@@ -241,10 +241,6 @@ class _Batch:
                       torch.cat([left_pad(self.mask, 1), left_pad(other.mask, 1)]),
                       torch.cat([self.positions, other.positions]), torch.cat([self.weights, other.weights]),
                       torch.cat([self.logits, other.logits]))
-
-
-def _named(tl: TemporalLoRA, row: torch.Tensor) -> dict[str, float]:
-    return {d: round(float(x), 6) for d, x in zip(tl.domains, row, strict=True)}
 
 
 def _eos_ids(tl: TemporalLoRA) -> set[int]:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse
 
-from temporal_lora.model import RouteDecision, TemporalLoRA
+from temporal_lora.errors import InputError
+from temporal_lora.model import RouteDecision, TemporalLoRA, tokenize
 from temporal_lora.server.engine import Engine, Job, Route, Sampling
 from temporal_lora.server.forward import Backend
 from temporal_lora.server.metrics import Metrics
@@ -148,10 +149,10 @@ class Service:
 
     # ------------------------------------------------------------------ checks
     def encode(self, text: str, what: str, *, allow_empty: bool = False) -> list[int]:
-        try:
-            ids = self.tl.tokenizer(text, add_special_tokens=False)["input_ids"]
-        except (TypeError, ValueError) as exc:  # e.g. lone surrogates, which JSON can carry
-            raise APIError(400, f"{what} is not valid Unicode text", param=what) from exc
+        try:  # unlike TemporalLoRA.encode, a whitespace-only prompt is fine here (as in OpenAI's API)
+            ids = tokenize(self.tl.tokenizer, text, what)
+        except InputError as exc:  # e.g. lone surrogates, which JSON can carry
+            raise APIError(400, str(exc), param=what) from exc
         if not ids and not allow_empty:
             raise APIError(400, f"{what} is empty", param=what)
         return ids
@@ -256,7 +257,8 @@ class Service:
             release()
             raise
         started = time.perf_counter()
-        self.metrics.tokens.labels("prompt").inc(sum(len(p) for p in prompts))
+        prompt_tokens = sum(len(p) for p in prompts)
+        self.metrics.tokens.labels("prompt").inc(prompt_tokens)
         k = len(call.jobs)
         routes: list[dict | None] = [None] * k
         early: list[tuple[int, tuple]] = []
@@ -273,7 +275,7 @@ class Service:
         except BaseException:
             call.cancel()
             raise
-        reply = _Reply(kind, req.model, routes, sum(len(p) for p in prompts))
+        reply = _Reply(kind, req.model, routes, prompt_tokens)
 
         async def events() -> AsyncIterator[tuple[int, tuple]]:
             remaining = k - sum(1 for _, e in early if e[0] == "done")
@@ -347,8 +349,7 @@ class Service:
             decision = None
             if forced is None:
                 decision = (await asyncio.to_thread(self.engine.route, route_texts))[0]
-            chosen = forced or decision.domain
-            weights = {d: float(d == chosen) for d in self.tl.domains}
+            weights = self.tl.named(self.tl.domain_weights(forced or decision.domain, 1)[0])
             info = self._routing_info(req.model, forced, "hard", decision, weights)
             target = info["domain"] if info["domain"] != "base" else self.settings.backend_base_model
             payload = req.model_dump(exclude_unset=True, exclude={"routing_mode", "top_k", "max_completion_tokens"})
