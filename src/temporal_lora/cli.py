@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, type=int, metavar="V")
 
     p = sub.add_parser("bench", help="measure against merging, sequential/multitask LoRA, Arrow, other routers")
+    p.add_argument("what", nargs="?", default="all", choices=["all", "scaling"],
+                   help="all (default): the comparison bench; scaling: 2-16 domains vs multitask LoRA "
+                        "(scaling.json, scaling.md, plots)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="bench.json, bench.md, plots (and work/)")
     p.add_argument("--bundle", type=Path, default=None, help="bundle to measure (default: train one into OUT/work)")
     p.add_argument("--budget", default="quick", choices=["quick", "full"])
@@ -285,6 +288,17 @@ def cmd_history(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    if args.what == "scaling":
+        from temporal_lora.scaling import run_scaling
+
+        if args.bundle is not None:
+            from temporal_lora.errors import InputError
+
+            raise InputError("bench scaling trains its own adapters; --bundle is not used")
+        run_scaling(args.out, base=args.base, budget=args.budget)
+        print((args.out / "scaling.md").read_text(encoding="utf-8"))
+        print(f"written to {args.out}/scaling.json, scaling.md and PNG plots")
+        return
     from temporal_lora.bench import run_bench
 
     run_bench(args.out, bundle=args.bundle, base=args.base, budget=args.budget)
