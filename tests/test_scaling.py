@@ -132,3 +132,22 @@ def test_resume_reuses_everything(scaling_run, tiny_llama, monkeypatch):
                         progress=False, log=lambda *a: None)
     for key in ("ppl", "ppl_ratio_routed_vs_multitask", "router_accuracy", "isolation"):
         assert again[key] == report[key], key
+
+
+def test_resume_refuses_another_recipe(scaling_run, tiny_llama):
+    from temporal_lora.errors import InputError
+
+    out, _ = scaling_run
+    other = _budget()
+    other.steps = 5
+    with pytest.raises(InputError, match="another budget"):
+        run_scaling(out, base=str(tiny_llama), budget=other, corpora=_corpora(), config=tiny_config(),
+                    progress=False, log=lambda *a: None)
+
+
+def test_cli_bench_scaling_refuses_a_bundle(capsys, tmp_path):
+    from temporal_lora.cli import main
+
+    assert main(["bench", "scaling", "--out", str(tmp_path / "b"), "--bundle", str(tmp_path)]) == 2
+    assert "--bundle is not used" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
