@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoothing", type=float, default=None, help="segment routing: weight of the newest segment")
     p.add_argument("--margin", type=float, default=None, help="segment routing: switching margin")
     p.add_argument("--confirm", type=int, default=None, help="segment routing: segments a challenger must lead")
+    p.add_argument("--fallback-threshold", type=float, default=None, metavar="P",
+                   help="bundles with subdomains: sub-router confidence below which the parent adapter is used")
 
     p = sub.add_parser("generate", help="generate with routed adapters; prints the text and its route")
     p.add_argument("--bundle", required=True, type=Path)
@@ -102,6 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", type=Path, help="folder of .txt/.md files or a JSONL file with a 'text' field")
     src.add_argument("--corpus", help="a built-in corpus (its name must equal --name)")
+    p.add_argument("--budget", default=None, choices=["quick", "full"], help="default: the bundle's budget")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("add-subdomain", help="train a subdomain adapter under a domain, refit its sub-router; new version")
+    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--parent", required=True, help="the domain the subdomain belongs to")
+    p.add_argument("--name", required=True, help="the subdomain's name (routes show parent/name)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", type=Path, help="folder of .txt/.md files or a JSONL file with a 'text' field")
+    src.add_argument("--corpus", help="a built-in subdomain (medical: case-reports, reviews, trials; "
+                                      "literature: comedies, tragedies, histories); must equal --name")
+    p.add_argument("--init", default="parent", choices=["parent", "base"],
+                   help="start the adapter from the parent's adapter (default) or from scratch")
+    p.add_argument("--fallback-threshold", type=float, default=None, metavar="P",
+                   help="sub-router confidence below which the parent adapter is used (default 0.6)")
     p.add_argument("--budget", default=None, choices=["quick", "full"], help="default: the bundle's budget")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -201,6 +219,12 @@ def cmd_route(args) -> None:
                               "switches": sum(s.switched for s in segments),
                               "segments": [s.to_dict() for s in segments]}))
         return
+    if tl.hierarchy is not None:  # two levels: "route" is parent/child, or the parent after a fallback
+        from temporal_lora.hierarchy import route_hierarchical
+
+        for row in route_hierarchical(tl, texts, args.fallback_threshold):
+            print(json.dumps(row))
+        return
     for decision in tl.route(texts):
         print(json.dumps({"domain": decision.domain, "probs": decision.probs, "confidence": decision.confidence,
                           "abstained": decision.abstained}))
@@ -266,6 +290,25 @@ def cmd_add_domain(args) -> None:
     for d, before in report["old_domain_accuracy_before"].items():
         print(f"  router accuracy on {d} (validation features): {before:.2%} -> "
               f"{report['old_domain_accuracy_after'][d]:.2%}")
+
+
+def cmd_add_subdomain(args) -> None:
+    from temporal_lora.hierarchy import add_subdomain
+
+    report = add_subdomain(args.bundle, args.parent, args.name, data=args.data, corpus=args.corpus,
+                           budget=args.budget, seed=args.seed, init=args.init,
+                           fallback_threshold=args.fallback_threshold)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    t = report["timing"]
+    print(f"version {report['version']}: added '{args.parent}/{args.name}' (subdomains of {args.parent}: "
+          f"{', '.join(report['children'])}); adapter {t['adapter']:.1f} s, router {t['router']:.1f} s; "
+          f"other files byte-identical")
+    acc = report["router_training"].get("calibration_accuracy_by_child")
+    if acc:
+        print("  sub-router accuracy (validation features): "
+              + ", ".join(f"{c} {a:.2%}" for c, a in acc.items()))
 
 
 def cmd_remove_domain(args) -> None:
@@ -339,7 +382,8 @@ def cmd_export(args) -> None:
 
 
 COMMANDS = {"fetch": cmd_fetch, "train": cmd_train, "route": cmd_route, "generate": cmd_generate,
-            "eval": cmd_eval, "demo": cmd_demo, "add-domain": cmd_add_domain, "remove-domain": cmd_remove_domain,
+            "eval": cmd_eval, "demo": cmd_demo, "add-domain": cmd_add_domain, "add-subdomain": cmd_add_subdomain,
+            "remove-domain": cmd_remove_domain,
             "history": cmd_history, "rollback": cmd_rollback, "bench": cmd_bench,
             "serve": cmd_serve, "export": cmd_export}
 

@@ -198,6 +198,8 @@ def remove_domain(bundle: str | Path, name: str, *, base: str | None = None, log
         _copy_adapters(bundle, old, domains, tmp)
         new["domains"] = domains
         del new["adapters"][name]
+        if name in new.get("subdomains", {}):  # its subdomains go with it (their files are not copied)
+            del new["subdomains"][name]
         _write_router(tmp, new, router, router_summary, replay, domains, lengths)
         _write_splits(tmp, new, splits)
         return new
@@ -259,8 +261,10 @@ def _splits(bundle: Path, manifest: dict) -> dict:
 
 
 def _copy_adapters(bundle: Path, old: dict, domains: list[str], tmp: Path) -> None:
-    """Copy the kept adapters' files (and PEFT's adapters/README.md) byte for byte."""
+    """Copy the kept adapters' files (and PEFT's adapters/README.md) byte for byte, with their
+    subdomains' adapters and sub-routers (hierarchy.py), if any."""
     keep = [f"{old['adapters'][d]['path']}/" for d in domains]
+    keep += [f"{top}/{d}/" for d in domains for top in ("subadapters", "subrouters")]
     rels = [rel for rel in old["files"] if any(rel.startswith(k) for k in keep) or rel == "adapters/README.md"]
     copy_files(bundle, rels, tmp)
 

@@ -77,6 +77,7 @@ class TemporalLoRA:
         # Router features per domain ({domain: {"train", "calib"}}), saved as router/replay.safetensors
         # so that add-domain / remove-domain can refit the router without old raw text (replay.py).
         self.replay: dict | None = None
+        self.hierarchy = None  # subdomains (hierarchy.py); None for a bundle without any
         self.context_length = context_length(self.model, tokenizer)
 
     # ---------------------------------------------------------------- construction and disk
@@ -137,6 +138,10 @@ class TemporalLoRA:
             from temporal_lora.replay import load_replay
 
             tl.replay, _ = load_replay(safe_path(path, rinfo["replay"]))
+        if manifest.get("subdomains"):  # bundles without subdomains load exactly as before
+            from temporal_lora.hierarchy import attach_subdomains
+
+            attach_subdomains(tl, path, manifest)
         return tl
 
     def save_pretrained(self, path: str | Path) -> Path:
@@ -156,7 +161,12 @@ class TemporalLoRA:
             if self.info.get("data"):
                 (tmp / "data").mkdir()
                 (tmp / "data" / "splits.json").write_text(json.dumps(self.info["data"], indent=1))
+            subdomains = self.hierarchy.write(self, tmp) if self.hierarchy else None
             manifest = self._manifest(tmp)
+            if subdomains:
+                manifest["subdomains"] = subdomains
+                for folder in ("subadapters", "subrouters"):
+                    manifest["files"].update(checksums(tmp / folder, tmp))
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
 
         write_atomic_dir(path, fill)
@@ -222,8 +232,8 @@ class TemporalLoRA:
         return ids
 
     @torch.no_grad()
-    def route_probs(self, ids: list[list[int]], batch_size: int = 16) -> torch.Tensor:
-        """Calibrated router probabilities [n, n_domains] for token-id inputs (first max_tokens read)."""
+    def route_features(self, ids: list[list[int]], batch_size: int = 16) -> torch.Tensor:
+        """Pooled base-model features [n, dim] the routers read (first max_tokens of each input)."""
         out = []
         limit = self.router_config.max_tokens
         for start in range(0, len(ids), batch_size):
@@ -231,8 +241,13 @@ class TemporalLoRA:
             input_ids, mask = _pad(batch, self.tokenizer.pad_token_id, left=False)
             with self.mixer.weights(None):
                 feats = token_features(self.model, self.feature_spec, input_ids, mask)
-            out.append(self.router(pool_prefixes(feats, mask)))
+            out.append(pool_prefixes(feats, mask))
         return torch.cat(out)
+
+    @torch.no_grad()
+    def route_probs(self, ids: list[list[int]], batch_size: int = 16) -> torch.Tensor:
+        """Calibrated router probabilities [n, n_domains] for token-id inputs (first max_tokens read)."""
+        return self.router(self.route_features(ids, batch_size))
 
     def decisions(self, probs: torch.Tensor) -> list[RouteDecision]:
         threshold = self.router_config.abstain_threshold

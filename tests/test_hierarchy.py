@@ -1,0 +1,203 @@
+"""Hierarchical routing on a tiny random Llama: subdomains under a domain, fallback, disk round trip."""
+
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_DOMAINS, tiny_config
+
+from temporal_lora.bundle import read_manifest
+from temporal_lora.cli import main
+from temporal_lora.errors import InputError
+from temporal_lora.evolve import remove_domain
+from temporal_lora.hierarchy import (
+    adapter_weights,
+    add_subdomain,
+    hierarchical_weights,
+    route_hierarchical,
+)
+from temporal_lora.model import TemporalLoRA
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+# Two real, clearly different slices of Python's standard library as subdomains of `code`: a
+# random 64-dim embedding router cannot tell close ones apart (email vs asyncio: ~65%).
+CHILDREN = {"net": ("email", "http"), "codecs": ("encodings",)}
+
+
+def _quiet(*_args):
+    pass
+
+
+def _corpus(root: Path, packages: tuple[str, ...]) -> Path:
+    for pkg in packages:
+        for file in sorted((STDLIB / pkg).glob("*.py")):
+            dst = root / f"{pkg}-{file.stem}.txt"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_text(file.read_text(encoding="utf-8"), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sub-corpora")
+    return {name: _corpus(root / name, pkgs) for name, pkgs in CHILDREN.items()}
+
+
+@pytest.fixture(scope="module")
+def hier(tiny_bundle, corpora, tmp_path_factory):
+    """The tiny bundle with code/net and code/codecs (versions 2 and 3), and the original manifest."""
+    dst = tmp_path_factory.mktemp("hier") / "bundle"
+    shutil.copytree(tiny_bundle, dst)
+    original = read_manifest(dst)
+    reports = [add_subdomain(dst, "code", name, data=path, config=tiny_config(), progress=False, log=_quiet)
+               for name, path in corpora.items()]
+    return dst, original, reports
+
+
+def _held_out_texts(bundle: Path, corpora: dict, tl, tokens: int = 64, train: bool = False) -> dict[str, list[str]]:
+    """Windows of `tokens` tokens of each child's test and validation documents (or its training ones)."""
+    splits = json.loads((bundle / "subrouters" / "code" / "splits.json").read_text())
+    out = {}
+    for child, path in corpora.items():
+        ids = set(splits[child]["test_ids"]) | set(splits[child]["val_ids"])
+        if train:
+            ids = {p.name for p in path.iterdir()} - ids
+        texts = []
+        for doc_id in sorted(ids):
+            toks = tl.tokenizer((path / doc_id).read_text(), add_special_tokens=False)["input_ids"]
+            texts += [tl.tokenizer.decode(toks[k : k + tokens]) for k in range(0, len(toks) - tokens, 4 * tokens)]
+        out[child] = texts
+    return out
+
+
+def test_add_subdomain_changes_nothing_else(hier):
+    bundle, original, (first, second) = hier
+    manifest = read_manifest(bundle)
+    assert manifest["version"] == 3
+    assert [e["change"] for e in manifest["history"]] == ["train", "add-subdomain", "add-subdomain"]
+    assert manifest["history"][-1]["domain"] == "code/codecs"
+    # every file of the original bundle is still there, byte for byte
+    assert {r: manifest["files"][r] for r in original["files"]} == original["files"]
+    entry = manifest["subdomains"]["code"]
+    assert entry["children"] == ["net", "codecs"]
+    assert entry["adapters"]["net"]["path"] == "subadapters/code/net"
+    assert (bundle / "subadapters/code/net/adapter_model.safetensors").is_file()
+    assert json.loads((bundle / "subadapters/code/net/adapter_config.json").read_text())["peft_type"] == "LORA"
+    # one child: no sub-router yet (texts keep the parent adapter); two: a calibrated one
+    assert first["children"] == ["net"] and first["router_training"] == {}
+    assert second["children"] == ["net", "codecs"] and second["router_training"]["temperature"] > 0
+    assert set(second["router_training"]["calibration_accuracy_by_child"]) == {"net", "codecs"}
+    assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")]
+
+
+def _two_level_accuracy(tl, texts: dict[str, list[str]]) -> tuple[int, float]:
+    """(inputs the top level sent to `code`, share of those routed to the right child)."""
+    right = total = n = 0
+    for child, items in texts.items():
+        assert items, child
+        for row in route_hierarchical(tl, items, fallback_threshold=0.0):
+            n += 1
+            if row["domain"] == "code":
+                assert not row["fallback"]
+                total += 1
+                right += row["subdomain"] == child and row["route"] == f"code/{child}"
+    return total, right / total
+
+
+def test_two_level_routing_picks_the_subdomain(hier, corpora):
+    bundle = hier[0]
+    tl = TemporalLoRA.from_pretrained(bundle)
+    # of the texts the top level sends to `code`, the second level picks the right child, for
+    # windows of the children's training documents and of their held-out ones (the real model's
+    # accuracy is measured in benchmarks/time_hierarchy.py; here the features are random embeddings)
+    for train, wanted in ((True, 0.85), (False, 0.8)):
+        n, sub = _two_level_accuracy(tl, _held_out_texts(bundle, corpora, tl, train=train))
+        assert n >= 20 and sub >= wanted
+
+
+def test_fallback_to_the_parent_below_the_threshold(hier, corpora):
+    bundle = hier[0]
+    tl = TemporalLoRA.from_pretrained(bundle)
+    items = sum(_held_out_texts(bundle, corpora, tl).values(), [])
+    free = [r for r in route_hierarchical(tl, items, fallback_threshold=0.0) if r["domain"] == "code"]
+    confs = sorted(r["subdomain_confidence"] for r in free)
+    mid = len(confs) // 2
+    cut = (confs[mid - 1] + confs[mid]) / 2  # between two inputs, clear of rounding
+    assert confs[0] < cut < confs[-1]  # the threshold splits the inputs
+    rows = [r for r in route_hierarchical(tl, items, fallback_threshold=cut) if r["domain"] == "code"]
+    for r in rows:
+        if r["subdomain_confidence"] < cut:
+            assert r["fallback"] and r["subdomain"] is None and r["route"] == "code"
+        else:
+            assert not r["fallback"] and r["route"] == f"code/{r['subdomain']}"
+    # the adapter actually applied follows the decision: the parent's on a fallback
+    w = hierarchical_weights(tl, rows)
+    names = tl.mixer.adapter_names
+    for r, row in zip(rows, w, strict=True):
+        assert names[int(row.argmax())] == ("code" if r["fallback"] else f"code~{r['subdomain']}")
+        assert float(row.sum()) == 1.0
+
+
+def test_round_trip_save_and_load(hier, corpora, tmp_path):
+    bundle = hier[0]
+    tl = TemporalLoRA.from_pretrained(bundle)
+    items = sum(_held_out_texts(bundle, corpora, tl).values(), [])[:12]
+    out = tl.save_pretrained(tmp_path / "copy")
+    again = TemporalLoRA.from_pretrained(out)
+    assert read_manifest(out)["subdomains"]["code"]["children"] == ["net", "codecs"]
+    assert route_hierarchical(again, items) == route_hierarchical(tl, items)
+    chunks = torch.tensor([tl.encode([items[0]])[0][:32]] * 2)
+    for name in ("code/net", "code/codecs", "code"):
+        before = tl.token_nll(chunks, adapter_weights(tl, name, 2))
+        assert torch.equal(again.token_nll(chunks, adapter_weights(again, name, 2)), before)
+    # a subdomain adapter really differs from its parent
+    assert not torch.equal(tl.token_nll(chunks, adapter_weights(tl, "code/net", 2)),
+                           tl.token_nll(chunks, adapter_weights(tl, "code", 2)))
+
+
+def test_bundles_without_subdomains_are_unchanged(tiny_bundle, hier, corpora):
+    plain = TemporalLoRA.from_pretrained(tiny_bundle)
+    assert plain.hierarchy is None and plain.mixer.adapter_names == TINY_DOMAINS
+    assert "subdomains" not in read_manifest(tiny_bundle)
+    assert set(route_hierarchical(plain, ["def f(x):\n    return x"])[0]) == {
+        "domain", "probs", "confidence", "abstained"}
+    tl = TemporalLoRA.from_pretrained(hier[0])
+    items = sum(_held_out_texts(hier[0], corpora, tl).values(), [])[:8]
+    # the top level of a bundle with subdomains routes and scores exactly as before
+    assert [d.to_dict() for d in tl.route(items)] == [d.to_dict() for d in plain.route(items)]
+    chunks = torch.tensor([tl.encode([t])[0][:24] for t in items[:3]])
+    for d in TINY_DOMAINS:
+        w = plain.domain_weights(d, len(chunks))
+        assert torch.equal(tl.token_nll(chunks, w), plain.token_nll(chunks, w))
+
+
+def test_remove_domain_keeps_or_drops_subdomains(hier, tmp_path):
+    keep, drop = tmp_path / "keep", tmp_path / "drop"
+    shutil.copytree(hier[0], keep)
+    shutil.copytree(hier[0], drop)
+    remove_domain(keep, "legal", log=_quiet)
+    assert TemporalLoRA.from_pretrained(keep).hierarchy.subs["code"].children == ["net", "codecs"]
+    remove_domain(drop, "code", log=_quiet)
+    manifest = read_manifest(drop)
+    assert not manifest.get("subdomains") and not any(r.startswith("sub") for r in manifest["files"])
+    assert TemporalLoRA.from_pretrained(drop).hierarchy is None
+
+
+def test_cli_route_shows_the_subdomain_and_errors_change_nothing(hier, corpora, capsys):
+    bundle = hier[0]
+    text = (corpora["codecs"] / "encodings-cp1252.txt").read_text()[:600]
+    assert main(["route", "--bundle", str(bundle), "--fallback-threshold", "0", text]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["route"] == f"{row['domain']}/{row['subdomain']}" or row["domain"] != "code"
+    before = read_manifest(bundle)["files"]
+    assert main(["add-subdomain", "--bundle", str(bundle), "--parent", "nope", "--name", "x",
+                 "--data", str(corpora["net"])]) == 2
+    assert main(["add-subdomain", "--bundle", str(bundle), "--parent", "code", "--name", "net",
+                 "--data", str(corpora["net"])]) == 2
+    assert "already" in capsys.readouterr().err
+    assert read_manifest(bundle)["files"] == before
+    with pytest.raises(InputError, match="exactly one"):
+        add_subdomain(bundle, "code", "y", progress=False, log=_quiet)
