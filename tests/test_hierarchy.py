@@ -201,3 +201,19 @@ def test_cli_route_shows_the_subdomain_and_errors_change_nothing(hier, corpora, 
     assert read_manifest(bundle)["files"] == before
     with pytest.raises(InputError, match="exactly one"):
         add_subdomain(bundle, "code", "y", progress=False, log=_quiet)
+
+
+def test_server_route_shows_the_subdomain(hier, corpora):
+    import httpx
+    from serving import load_served, running
+
+    from temporal_lora.server import ServerSettings, create_app
+
+    tl = load_served(hier[0])
+    items = _held_out_texts(hier[0], corpora, tl)["codecs"][:3]
+    with running(create_app(tl, ServerSettings())) as url:
+        rows = httpx.post(f"{url}/v1/route", json={"input": items}, timeout=60).json()["data"]
+    expected = route_hierarchical(tl, items)
+    for row, want in zip(rows, expected, strict=True):
+        assert row["domain"] == want["domain"] and row["route"] == want["route"]
+        assert row["subdomain"] == want["subdomain"] and row["fallback"] == want["fallback"]

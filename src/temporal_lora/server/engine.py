@@ -82,6 +82,13 @@ class Engine:
         with self._lock:
             return self.tl.route(texts)
 
+    def route_subdomains(self, texts: list[str]) -> list[dict]:
+        """Two-level routes (domain, then subdomain or the parent after a fallback) for /v1/route."""
+        from temporal_lora.hierarchy import route_hierarchical
+
+        with self._lock:
+            return route_hierarchical(self.tl, texts)
+
     def route_segments(self, texts: list[str], spec: str) -> list[list]:
         """Segment-by-segment routes with hysteresis (segments.py), one list of segments per text."""
         from temporal_lora.segments import SegmentConfig, SegmentRouter

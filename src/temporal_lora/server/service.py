@@ -140,6 +140,10 @@ class Service:
             self._check_lengths(self.encode(text, f"input[{i}]"), 0)
         decisions = await asyncio.to_thread(self.engine.route, texts)
         data = [{"index": i, **d.to_dict()} for i, d in enumerate(decisions)]
+        if self.tl.hierarchy is not None:  # a bundle with subdomains: add the second level (hierarchy.py)
+            subs = await asyncio.to_thread(self.engine.route_subdomains, texts)
+            for row, sub in zip(data, subs, strict=True):
+                row.update({k: v for k, v in sub.items() if k not in row})
         if segments:  # per-segment routes on request (segment routing with hysteresis)
             per_text = await asyncio.to_thread(self.engine.route_segments, texts, segments)
             for row, found in zip(data, per_text, strict=True):
