@@ -217,3 +217,16 @@ def test_server_route_shows_the_subdomain(hier, corpora):
     for row, want in zip(rows, expected, strict=True):
         assert row["domain"] == want["domain"] and row["route"] == want["route"]
         assert row["subdomain"] == want["subdomain"] and row["fallback"] == want["fallback"]
+
+
+def test_generation_uses_the_subdomain_adapter(hier, corpora):
+    tl = TemporalLoRA.from_pretrained(hier[0])
+    items = _held_out_texts(hier[0], corpora, tl)["codecs"][:4]
+    routes = route_hierarchical(tl, items)
+    for g, r in zip(tl.generate(items, max_new_tokens=4), routes, strict=True):
+        used = [k for k, v in g.weights.items() if v == 1.0]
+        assert used == ([r["route"]] if r["domain"] else [])
+        assert sum(g.weights.values()) == (1.0 if r["domain"] else 0.0)
+    # forcing a top-level domain, or soft mode, works as in a bundle without subdomains
+    assert set(tl.generate(items[:1], domain="code", max_new_tokens=2)[0].weights) == set(tl.domains)
+    assert set(tl.generate(items[:1], mode="soft", max_new_tokens=2)[0].weights) == set(tl.domains)

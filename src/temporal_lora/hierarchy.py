@@ -297,6 +297,15 @@ def hierarchical_weights(tl, decisions: list[dict]) -> torch.Tensor:
     return w
 
 
+def generation_weights(tl, route_ids: list[list[int]], routes) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    """Hard weights for generation given the top-level `routes`: the subdomain's adapter, or the
+    parent's after a fallback; plus each row as {'parent' or 'parent/child': weight} for reports."""
+    subs = tl.hierarchy.decide([r.domain for r in routes], tl.route_features(route_ids))
+    w = hierarchical_weights(tl, [s.to_dict() for s in subs])
+    names = [n.replace("~", "/") for n in tl.mixer.adapter_names]
+    return w, [{n: round(float(x), 6) for n, x in zip(names, row, strict=True)} for row in w]
+
+
 def adapter_weights(tl, name: str, n: int) -> torch.Tensor:
     """Weights forcing one adapter, named 'domain' or 'domain/child' (None or 'base' = no adapter)."""
     names = tl.mixer.adapter_names

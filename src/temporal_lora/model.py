@@ -318,12 +318,16 @@ class TemporalLoRA:
         probs = self.route_probs(route_ids)
         routes = self.decisions(probs)
         weights = self.domain_weights(domain, len(ids)) if domain else self.mix_weights(probs, mode, top_k)
+        named = [self.named(w) for w in weights]
+        if self.hierarchy is not None and not domain and mode == "hard":  # subdomain adapters (hierarchy.py)
+            from temporal_lora.hierarchy import generation_weights
+
+            weights, named = generation_weights(self, route_ids, routes)
         texts = self._generate_ids(ids, weights, max_new_tokens, do_sample, temperature, seed,
                                    repetition_penalty=repetition_penalty)
         return [
-            Generation(prompt=p, text=t, mode=("forced" if domain else mode), route=r,
-                       weights=self.named(w))
-            for p, t, r, w in zip(prompts, texts, routes, weights, strict=True)
+            Generation(prompt=p, text=t, mode=("forced" if domain else mode), route=r, weights=w)
+            for p, t, r, w in zip(prompts, texts, routes, named, strict=True)
         ]
 
     def chat_prompt(self, message: str) -> str:
