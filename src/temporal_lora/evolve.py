@@ -107,7 +107,8 @@ def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None,
     calib_chunks = chunks_tensor(dd.splits.val, tokenizer, cfg, cfg.calib_chunks, cfg.seed, f"{name} val split")
     timing["chunk"] = time.perf_counter() - t0
 
-    work = Path(tempfile.mkdtemp(dir=bundle.parent, prefix=f".{bundle.name}.add-"))
+    # The new adapter is trained in the system temp dir, so a killed run leaves nothing beside the bundle.
+    work = Path(tempfile.mkdtemp(prefix=f"tlora-add-{name}-"))
     try:
         log(f"training adapter '{name}' on {len(train_chunks)} chunks of {cfg.block_size} tokens ({cfg.steps} steps)")
         t0 = time.perf_counter()

@@ -64,11 +64,16 @@ def commit(bundle: str | Path, fill: Callable[[Path, dict], dict], change: dict)
     """
     bundle = Path(bundle)
     old = read_manifest(bundle)  # verifies every file of the current version
+    seen = (bundle / MANIFEST).read_bytes()
     past = history(old)
     version = int(past[-1]["version"]) + 1
     result: dict = {}
 
     def build(tmp: Path) -> None:
+        # Runs under the bundle's writer lock: refuse to overwrite a version written meanwhile.
+        if (bundle / MANIFEST).read_bytes() != seen:
+            raise BundleError(f"bundle {bundle} was changed by another process during this change; "
+                              "nothing was written, run it again")
         manifest = fill(tmp, old)
         manifest["files"] = _checksums(tmp)
         manifest["created"] = datetime.now(UTC).isoformat(timespec="seconds")
