@@ -32,8 +32,8 @@ from temporal_lora.bundle import read_manifest
 from temporal_lora.config import budget_config
 from temporal_lora.data import chunk_documents
 from temporal_lora.hierarchy import (
-    add_subdomain,
     adapter_weights,
+    add_subdomain,
     hierarchical_weights,
     load_builtin_subdomain,
 )
@@ -45,10 +45,11 @@ LENGTHS = [16, 64, 128]
 THRESHOLDS = [0.0, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
 
-def grow(bundle: Path, steps: int, log) -> list[dict]:
+def grow(bundle: Path, steps: int, parents: list[str], log) -> list[dict]:
     """Add every planned subdomain that the bundle does not have yet (resumable)."""
     reports = []
-    for parent, children in PLAN.items():
+    for parent in parents:
+        children = PLAN[parent]
         for child in children:
             have = (read_manifest(bundle).get("subdomains") or {}).get(parent, {}).get("children", [])
             if child in have:
@@ -217,7 +218,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/bench/hierarchy"))
     ap.add_argument("--steps", type=int, default=40, help="training steps per subdomain adapter (quick budget: 40)")
     ap.add_argument("--test-chunks", type=int, default=48, help="test chunks per subdomain")
+    ap.add_argument("--parents", default="medical,literature", help="parents to grow and measure, in order")
+    ap.add_argument("--measure-only", action="store_true", help="measure the subdomains the work bundle has")
     args = ap.parse_args()
+    parents = args.parents.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "work" / "bundle"
     if not work.exists():
@@ -230,7 +234,7 @@ def main() -> None:
         log_file.flush()
 
     t0 = time.perf_counter()
-    adds = grow(work, args.steps, log)
+    adds = [] if args.measure_only else grow(work, args.steps, parents, log)
     done = args.out / "adds.json"
     old = json.loads(done.read_text()) if done.exists() else []
     adds = old + adds
@@ -239,8 +243,8 @@ def main() -> None:
 
     tl = TemporalLoRA.from_pretrained(work)
     children = {}
-    for parent, kids in PLAN.items():
-        for child in kids:
+    for parent in parents:
+        for child in PLAN[parent]:
             t1 = time.perf_counter()
             chunks = test_chunks(tl, parent, child, args.test_chunks)
             r = measure_child(tl, parent, child, chunks)
@@ -250,9 +254,9 @@ def main() -> None:
             children[f"{parent}/{child}"] = r
             log(f"{parent}/{child}: {json.dumps(r['perplexity'])} ({time.perf_counter() - t1:.0f} s)")
     result = {"bundle": str(args.bundle), "steps": args.steps, "test_chunks": args.test_chunks,
-              "threshold": tl.hierarchy.subs["medical"].fallback_threshold, "lengths": LENGTHS,
+              "threshold": tl.hierarchy.subs[parents[0]].fallback_threshold, "lengths": LENGTHS,
               "thresholds": THRESHOLDS, "children": children,
-              "pooled": {p: pooled(children, p) for p in PLAN},
+              "pooled": {p: pooled(children, p) for p in parents},
               "adds": [{k: a[k] for k in ("parent", "subdomain", "timing", "wall_seconds", "aligned_with_parent",
                                           "split", "router_training")} for a in adds]}
     (args.out / "hierarchy.json").write_text(json.dumps(result, indent=2))

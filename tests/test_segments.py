@@ -24,8 +24,8 @@ def tl(tiny_bundle):
     return TemporalLoRA.from_pretrained(tiny_bundle)
 
 
-def _run(probs, smoothing=0.6, margin=0.2, confirm=1):
-    state = HysteresisState(smoothing, margin, confirm)
+def _run(probs, smoothing=0.6, margin=0.2, confirm=1, min_confidence=0.0):
+    state = HysteresisState(smoothing, margin, confirm, min_confidence)
     return [state.step(torch.tensor(p))[1] for p in probs], state.switches
 
 
@@ -56,6 +56,17 @@ def test_confirmation_needs_consecutive_segments():
     assert _run([a, b, a, a], smoothing=1.0, margin=0.0, confirm=2)[1] == 0
     # ... and a real change switches on its second segment
     assert _run([a, a, b, b, b], smoothing=1.0, margin=0.0, confirm=2)[0] == [0, 0, 0, 1, 1]
+
+
+def test_confidence_gate_keeps_the_adapter_on_unsure_segments():
+    a, unsure, b = [0.97, 0.03], [0.42, 0.58], [0.03, 0.97]
+    # no smoothing, no margin: an unsure segment flips the adapter twice; the gate holds it ...
+    assert _run([a, unsure, a], smoothing=1.0, margin=0.0)[1] == 2
+    assert _run([a, unsure, a], smoothing=1.0, margin=0.0, min_confidence=0.8)[1] == 0
+    # ... while a confident change still switches on its first segment
+    assert _run([a, a, b, b], smoothing=1.0, margin=0.0, min_confidence=0.8)[0] == [0, 0, 1, 1]
+    with pytest.raises(InputError, match="min_confidence"):
+        SegmentConfig(min_confidence=1.0)
 
 
 def test_config_validation():

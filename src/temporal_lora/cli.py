@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoothing", type=float, default=None, help="segment routing: weight of the newest segment")
     p.add_argument("--margin", type=float, default=None, help="segment routing: switching margin")
     p.add_argument("--confirm", type=int, default=None, help="segment routing: segments a challenger must lead")
+    p.add_argument("--min-confidence", type=float, default=None,
+                   help="segment routing: a challenger counts only on segments it wins with at least this probability")
     p.add_argument("--fallback-threshold", type=float, default=None, metavar="P",
                    help="bundles with subdomains: sub-router confidence below which the parent adapter is used")
 
@@ -211,7 +213,8 @@ def cmd_route(args) -> None:
         from temporal_lora.segments import SegmentConfig, SegmentRouter
 
         knobs = {k: v for k, v in (("smoothing", args.smoothing), ("margin", args.margin),
-                                   ("confirm", args.confirm)) if v is not None}
+                                   ("confirm", args.confirm), ("min_confidence", args.min_confidence))
+                 if v is not None}
         router = SegmentRouter(tl, SegmentConfig.parse(args.segments, **knobs))
         for text in texts:
             segments = router.route(text)

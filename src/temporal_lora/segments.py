@@ -8,7 +8,9 @@ still following a real change of topic:
 * smoothing: `s_j = a * p_j + (1 - a) * s_{j-1}` (exponential moving average, a = `smoothing`);
 * switching margin: the active domain changes only when another domain's smoothed probability
   beats the active one's by more than `margin`;
-* confirmation: ... and only once it has done so for `confirm` consecutive segments.
+* confirmation: ... and only once it has done so for `confirm` consecutive segments;
+* confidence gate: ... counting only segments where the router's own calibrated probability for
+  the challenger is at least `min_confidence` (an unsure segment keeps the current adapter).
 
 Hard routing applies the active domain's adapter, soft routing the smoothed probabilities.
 The router is causal: segment j's decision uses segments 0..j only, so the same state machine
@@ -41,6 +43,7 @@ class SegmentConfig:
     smoothing: float = 0.6  # weight of the newest segment in the moving average (1 = none)
     margin: float = 0.2  # a challenger must beat the active domain's smoothed probability by this
     confirm: int = 1  # ... for this many consecutive segments before the adapter switches
+    min_confidence: float = 0.0  # ... on segments whose raw probability for it is at least this
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
@@ -51,6 +54,8 @@ class SegmentConfig:
             raise InputError(f"smoothing must be in (0, 1], got {self.smoothing}")
         if not 0 <= self.margin < 1:
             raise InputError(f"margin must be in [0, 1), got {self.margin}")
+        if not 0 <= self.min_confidence < 1:
+            raise InputError(f"min_confidence must be in [0, 1), got {self.min_confidence}")
 
     @classmethod
     def parse(cls, spec: str, **kwargs) -> SegmentConfig:
@@ -84,6 +89,7 @@ class HysteresisState:
     smoothing: float
     margin: float
     confirm: int = 1
+    min_confidence: float = 0.0
     smoothed: torch.Tensor | None = None
     active: int | None = None
     switches: int = field(default=0)
@@ -97,7 +103,8 @@ class HysteresisState:
         switched = False
         if self.active is None:
             self.active = best
-        elif best != self.active and float(self.smoothed[best] - self.smoothed[self.active]) > self.margin:
+        elif (best != self.active and float(self.smoothed[best] - self.smoothed[self.active]) > self.margin
+              and float(probs[best]) >= self.min_confidence):
             count = self._pending[1] + 1 if self._pending[0] == best else 1
             self._pending = (best, count)
             if count >= self.confirm:
@@ -168,7 +175,7 @@ class SegmentRouter:
 
     def decide(self, probs: torch.Tensor, spans: list[tuple[int, int]], ids: list[int] | None = None,
                with_text: bool = False) -> list[Segment]:
-        state = HysteresisState(self.cfg.smoothing, self.cfg.margin, self.cfg.confirm)
+        state = HysteresisState(self.cfg.smoothing, self.cfg.margin, self.cfg.confirm, self.cfg.min_confidence)
         out = []
         for (a, b), p in zip(spans, probs, strict=True):
             smoothed, active, switched = state.step(p)
@@ -223,7 +230,7 @@ def generate_segmented(tl, prompt: str, *, cfg: SegmentConfig | None = None, max
     ids, spans = split_spans(prompt, tl.tokenizer, cfg)
     if len(ids) + max_new_tokens > tl.context_length:
         raise InputError(f"prompt of {len(ids)} tokens plus {max_new_tokens} new tokens exceeds the context")
-    state = HysteresisState(cfg.smoothing, cfg.margin, cfg.confirm)
+    state = HysteresisState(cfg.smoothing, cfg.margin, cfg.confirm, cfg.min_confidence)
     for p in router.segment_probs(ids, spans):
         state.step(p)
 
