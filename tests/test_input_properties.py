@@ -67,11 +67,17 @@ def test_routing_in_a_batch_equals_routing_each_alone(tl, batch):
         assert all(abs(got.probs[d] - alone.probs[d]) < 1e-4 for d in tl.domains)
 
 
-@settings(max_examples=30, **SETTINGS)
-@given(text=texts, mode=st.sampled_from(["hard", "soft", "topk"]), chat=st.booleans())
-def test_generation_gives_text_or_a_clear_error(tl, text, mode, chat):
+# Sampling settings a caller can pass, extreme ones included (overflow to inf, nan, zero, negative).
+knob = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([5e-324, 1e-30, 1e30, 1.0]))
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(text=texts, mode=st.sampled_from(["hard", "soft", "topk"]), chat=st.booleans(),
+       sample=st.booleans(), temperature=knob, penalty=knob)
+def test_generation_gives_text_or_a_clear_error(tl, text, mode, chat, sample, temperature, penalty):
     try:
-        (gen,) = tl.generate([text], mode=mode, max_new_tokens=2, chat=chat and bool(tl.tokenizer.chat_template))
+        (gen,) = tl.generate([text], mode=mode, max_new_tokens=2, chat=chat and bool(tl.tokenizer.chat_template),
+                             do_sample=sample, temperature=temperature, repetition_penalty=penalty)
     except TemporalLoRAError as exc:
         assert str(exc)
         TRIED["generate:error"] += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -309,6 +310,11 @@ class TemporalLoRA:
             raise InputError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         if max_new_tokens < 1:
             raise InputError("max_new_tokens must be at least 1")
+        if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
+            raise InputError(f"repetition_penalty must be a positive number, not {repetition_penalty}")
+        if do_sample and not (math.isfinite(temperature) and temperature >= 0):
+            raise InputError(f"temperature must be a number >= 0 (0 = greedy), not {temperature}")
+        do_sample = do_sample and temperature > 0
         route_ids = self.encode(prompts)
         ids = self.encode([self.chat_prompt(p) for p in prompts]) if chat else route_ids
         for i, seq in enumerate(ids):
@@ -341,7 +347,8 @@ class TemporalLoRA:
                       repetition_penalty: float = 1.0) -> list[str]:
         input_ids, mask = _pad(ids, self.tokenizer.pad_token_id, left=True)
         torch.manual_seed(seed)
-        kwargs = {"do_sample": do_sample, "repetition_penalty": repetition_penalty}
+        # remove_invalid_values: extreme but valid settings (a penalty of 1e-300) overflow to inf.
+        kwargs = {"do_sample": do_sample, "repetition_penalty": repetition_penalty, "remove_invalid_values": True}
         if do_sample:
             kwargs["temperature"] = temperature
         else:  # silence generation_config's sampling defaults in greedy mode

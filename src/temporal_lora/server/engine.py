@@ -260,6 +260,11 @@ def _eos_ids(tl: TemporalLoRA) -> set[int]:
     return ids
 
 
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    big = torch.finfo(logits.dtype).max
+    return torch.nan_to_num(logits, nan=-big, posinf=big, neginf=-big)
+
+
 class _Decoder:
     """Sampling, incremental detokenisation and stop handling for one sequence of a batch."""
 
@@ -309,11 +314,14 @@ class _Decoder:
             counts = torch.tensor(list(self.counts.values()), dtype=logits.dtype)
             logits[ids] -= s.presence_penalty + s.frequency_penalty * counts
         if s.temperature <= 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits / s.temperature, dim=-1)
+            return int(_finite(logits).argmax())
+        # Extreme but valid settings (a penalty of 1e-300, a temperature of 1e-30) overflow to inf;
+        # clamped to the largest finite float they still pick the most likely tokens.
+        probs = torch.softmax(_finite(logits / s.temperature), dim=-1)
         if s.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
-            keep = sorted_p.cumsum(0) - sorted_p < s.top_p  # always keeps the most likely token
+            keep = sorted_p.cumsum(0) - sorted_p < s.top_p
+            keep[0] = True  # the most likely token, even for a top_p below float32's smallest number
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
