@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 from conftest import TINY_DOMAINS
-from serving import load_served, pick_domain_texts, running
+from serving import load_served, pick_domain_texts, running, wait_until
 
 from temporal_lora.server import ServerSettings, create_app
 
@@ -183,7 +183,7 @@ def test_concurrency_limit_sheds_with_429_and_keeps_serving(tl, texts):
         with cf.ThreadPoolExecutor(2) as pool:
             with engine._lock:  # the engine is busy: the two accepted requests wait in its queue
                 waiting = [pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=60) for _ in range(2)]
-                _wait_until(lambda: httpx.get(url + "/health").json()["in_flight"] == 2)
+                wait_until(lambda: httpx.get(url + "/health").json()["in_flight"] == 2)
                 shed = httpx.post(url + "/v1/completions", json=body)
                 assert shed.status_code == 429 and shed.headers["retry-after"] == "1"
                 assert shed.json()["error"]["type"] == "rate_limit_error"
@@ -197,7 +197,7 @@ def test_client_that_disconnects_mid_stream_frees_its_slot(server, texts):
     body = {"model": "auto", "prompt": texts["legal"], "max_tokens": 40, "temperature": 1.0, "stream": True}
     with httpx.stream("POST", url + "/v1/completions", json=body) as resp:
         next(resp.iter_lines())  # read the first event, then hang up
-    _wait_until(lambda: httpx.get(url + "/health").json()["in_flight"] == 0)
+    wait_until(lambda: httpx.get(url + "/health").json()["in_flight"] == 0)
     ok = httpx.post(url + "/v1/completions", json={**body, "stream": False, "max_tokens": 3})
     assert ok.status_code == 200
 
@@ -245,16 +245,6 @@ def _metric(url: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     return 0.0
-
-
-def _wait_until(check, timeout: float = 30.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.02)
 
 
 def test_error_body_shape(server):
