@@ -87,7 +87,8 @@ def test_bursts_slow_readers_and_hang_ups(tl, bodies):
                 batch = [bodies[(burst * 5 + k) % len(bodies)] for k in range(3 * LIMIT)]
                 with cf.ThreadPoolExecutor(len(batch)) as pool, engine._lock:
                     futures = [pool.submit(call, url, b) for b in batch]
-                    wait_until(lambda: sum(f.done() for f in futures) == len(batch) - LIMIT)
+                    shed_now = len(batch) - LIMIT
+                    wait_until(lambda fs=futures, n=shed_now: sum(f.done() for f in fs) == n)
                     assert health() == LIMIT
                     assert {f.result()[0] for f in futures if f.done()} == {429}
                 # Released: the queued ones finish and equal their references.
