@@ -117,9 +117,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(bundle: Path, port: int, max_batch: int, clients: int) -> subprocess.Popen:
+def start_server(bundle: Path, port: int, max_batch: int, clients: int,
+                 max_concurrency: int | None = None) -> subprocess.Popen:
+    limit = max_concurrency or max(clients * 2, 32)
     cmd = [sys.executable, "-m", "temporal_lora.cli", "serve", "--bundle", str(bundle), "--port", str(port),
-           "--max-batch", str(max_batch), "--max-concurrency", str(max(clients * 2, 32))]
+           "--max-batch", str(max_batch), "--max-concurrency", str(limit)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
     deadline = time.monotonic() + 300
     while True:
