@@ -10,6 +10,7 @@ import time
 
 import httpx
 import openai
+import psutil
 import pytest
 from conftest import TINY_DOMAINS
 
@@ -65,6 +66,10 @@ def test_tlora_serve_process_answers_openai_clients(tiny_bundle):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"server did not come up: {proc.stdout.read().decode()[-2000:]}")
             time.sleep(0.2)
+        # Without --host it listens on loopback only.
+        listening = {c.laddr for c in psutil.Process(proc.pid).net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN}
+        assert listening == {("127.0.0.1", port)}, listening
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
         resp = client.completions.create(model="auto", prompt="def main(argv):\n    return 0\n", max_tokens=3)
         assert resp.model_extra["routing"]["domain"] in TINY_DOMAINS

@@ -213,6 +213,23 @@ def test_api_key_is_required_when_set(tl):
         assert httpx.get(url + "/health").status_code == 200  # health checks need no key
 
 
+def test_api_key_is_compared_in_constant_time(tl, monkeypatch):
+    import hmac
+
+    compared = []
+
+    def spy(a, b):
+        compared.append((a, b))
+        return real(a, b)
+
+    real = hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    with running(create_app(tl, ServerSettings(api_key=KEY))) as url:
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert compared == [(b"nope", KEY.encode()), (KEY.encode(), KEY.encode())]
+
+
 def test_route_endpoint_matches_the_library(server, tl, texts):
     url, _ = server
     resp = httpx.post(url + "/v1/route", json={"input": list(texts.values())})
