@@ -67,6 +67,21 @@ def test_routing_in_a_batch_equals_routing_each_alone(tl, batch):
         assert all(abs(got.probs[d] - alone.probs[d]) < 1e-4 for d in tl.domains)
 
 
+@settings(max_examples=40, **SETTINGS)
+@given(text=texts, unit=st.sampled_from(["sentence", "paragraph", "tokens:8"]))
+def test_segment_routing_gives_segments_or_a_clear_error(tl, text, unit):
+    from temporal_lora.segments import SegmentConfig, SegmentRouter
+
+    try:
+        segments = SegmentRouter(tl, SegmentConfig.parse(unit)).route(text)
+    except TemporalLoRAError as exc:
+        assert str(exc)
+        TRIED["segments:error"] += 1
+        return
+    assert segments and all(s.domain in (*tl.domains, None) for s in segments)
+    TRIED["segments:routed"] += 1
+
+
 # Sampling settings a caller can pass, extreme ones included (overflow to inf, nan, zero, negative).
 knob = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([5e-324, 1e-30, 1e30, 1.0]))
 

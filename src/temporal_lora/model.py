@@ -375,8 +375,13 @@ class TemporalLoRA:
 def tokenize(tokenizer, text: str, what: str) -> list[int]:
     """Token ids of `text` as training saw it (no special tokens); text the tokenizer cannot take
     (lone surrogates, e.g. from invalid UTF-8 on a command line or in JSON) is a clear InputError."""
+    return encode_text(tokenizer, text, what)["input_ids"]
+
+
+def encode_text(tokenizer, text: str, what: str, **kwargs):
+    """The tokenizer's whole encoding of `text` (ids, and offsets if asked), errors as in `tokenize`."""
     try:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer(text, add_special_tokens=False, **kwargs)
     except (TypeError, ValueError) as exc:
         raise InputError(f"{what} is not valid Unicode text") from exc
 

@@ -118,7 +118,9 @@ class HysteresisState:
 
 def split_spans(text: str, tokenizer, cfg: SegmentConfig) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids of `text` and the [start, end) token spans of its segments."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=cfg.unit != "tokens")
+    from temporal_lora.model import encode_text
+
+    enc = encode_text(tokenizer, text, "the text", return_offsets_mapping=cfg.unit != "tokens")
     ids = list(enc["input_ids"])
     if not ids:
         raise InputError("the text has no tokens")
