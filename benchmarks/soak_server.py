@@ -63,6 +63,7 @@ async def slow_reader(client: httpx.AsyncClient, body: dict, pause: float, tally
     async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as resp:
         if resp.status_code == 429:
             tally.counts["slow reader shed (429)"] += 1
+            await asyncio.sleep(0.5)  # backs off, as a polite client does
             return
         async for _ in resp.aiter_lines():
             await asyncio.sleep(pause)
@@ -73,6 +74,7 @@ async def hang_up(client: httpx.AsyncClient, body: dict, tally: Tally) -> None:
     async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as resp:
         if resp.status_code == 429:
             tally.counts["hang-up shed (429)"] += 1
+            await asyncio.sleep(0.5)
             return
         async for _ in resp.aiter_lines():
             break  # the first event, then the connection is closed
