@@ -563,7 +563,9 @@ def assemble_report(domains, corpora, data, b: ScalingBudget, cfg: TrainConfig, 
             "multitask_finetune": mt_iso["multitask-finetune"]["max_abs_ppl_change"]},
         "rows": rows,
         "domains": domains,
-        "domain_documents": {d: len(corpora[d]) for d in domains},
+        "domain_documents": {d: {"documents": len(corpora[d]), "train": len(data[d].dd.splits.train),
+                                 "val": len(data[d].dd.splits.val), "test": len(data[d].dd.splits.test)}
+                             for d in domains},
         "domain_sources": _descriptions(domains),
         "ppl": ppl,
         "routing": {n: {k: v for k, v in r.items() if k != "picks"} for n, r in routing.items()},
@@ -648,6 +650,12 @@ def markdown(r: dict) -> str:
     for n, info in r["routing"].items():
         pairs = ", ".join(f"{p['true']} -> {p['routed']} ({p['chunks']})" for p in info["most_confused"]) or "none"
         lines.append(f"- N={n}: accuracy {info['accuracy']:.3f} (by prompt length {info['accuracy_by_length']}); {pairs}")
+    lines += ["", "## Domains (document-level splits)", "", "| # | domain | source | documents | train / val / test |",
+              "|---|---|---|---|---|"]
+    for i, d in enumerate(r["domains"]):
+        c = r["domain_documents"][d]
+        lines.append(f"| {i + 1} | {d} | {r['domain_sources'][d]} | {c['documents']} | "
+                     f"{c['train']} / {c['val']} / {c['test']} |")
     lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
     return "\n".join(lines) + "\n"
 
