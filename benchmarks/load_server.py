@@ -44,8 +44,9 @@ def build_requests(bundle: Path, n: int, max_tokens: int) -> list[dict]:
     return requests
 
 
-async def send(client: httpx.AsyncClient, body: dict) -> tuple[str, str, int]:
-    """(text, route, completion tokens) of one request, reading streams to the end."""
+async def send(client: httpx.AsyncClient, body: dict, pause: float = 0.0) -> tuple[str, str, int]:
+    """(text, route, completion tokens) of one request, reading streams to the end (a slow reader
+    waits `pause` seconds after each event)."""
     if not body["stream"]:
         resp = await client.post("/v1/completions", json=body)
         resp.raise_for_status()
@@ -57,6 +58,8 @@ async def send(client: httpx.AsyncClient, body: dict) -> tuple[str, str, int]:
         resp.raise_for_status()
         route = resp.headers["x-route"]
         async for line in resp.aiter_lines():
+            if pause:
+                await asyncio.sleep(pause)
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
