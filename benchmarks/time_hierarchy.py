@@ -32,6 +32,7 @@ from temporal_lora.bundle import read_manifest
 from temporal_lora.config import budget_config
 from temporal_lora.data import chunk_documents
 from temporal_lora.hierarchy import (
+    adapter_name,
     adapter_weights,
     add_subdomain,
     hierarchical_weights,
@@ -60,7 +61,7 @@ def grow(bundle: Path, steps: int, parents: list[str], log) -> list[dict]:
             report = add_subdomain(bundle, parent, child, corpus=child, config=cfg, progress=False, log=log)
             report["wall_seconds"] = round(time.perf_counter() - t0, 1)
             log(json.dumps({k: report[k] for k in ("version", "parent", "subdomain", "aligned_with_parent",
-                                                   "split", "timing")}))
+                                                   "split", "timing", "wall_seconds", "router_training")}))
             reports.append(report)
     return reports
 
@@ -109,8 +110,22 @@ def measure_child(tl, parent: str, child: str, chunks: torch.Tensor) -> dict:
         top = tl.decisions(tl.router(feats[-1]))
     decisions = [d.to_dict() | {k: v for k, v in s.to_dict().items() if k != "domain"}
                  for d, s in zip(top, tl.hierarchy.decide([d.domain for d in top], feats[-1]), strict=True)]
-    nll["hierarchical"] = tl.token_nll(chunks, hierarchical_weights(tl, decisions))
-    nll["flat"] = tl.token_nll(chunks, tl.mix_weights(tl.router(feats[-1]), "hard"))
+    # routed strategies reuse the per-adapter NLLs above; only chunks sent elsewhere get a forward
+    known = {None: nll["base"], parent: nll["parent"],
+             **{adapter_name(parent, c): nll[f"child:{c}"] for c in sub.children}}
+
+    def routed(w: torch.Tensor) -> torch.Tensor:
+        w = torch.cat([w, w.new_zeros(n, len(tl.mixer.adapter_names) - w.shape[1])], dim=1)
+        keys = [tl.mixer.adapter_names[int(r.argmax())] if float(r.sum()) else None for r in w]
+        out = torch.stack([known[k][i] if k in known else torch.tensor(float("nan")) for i, k in enumerate(keys)])
+        rest = [i for i, k in enumerate(keys) if k not in known]
+        if rest:
+            out[rest] = tl.token_nll(chunks[rest], w[rest])
+        return out
+
+    nll["hierarchical"] = routed(hierarchical_weights(tl, decisions))
+    with torch.no_grad():
+        nll["flat"] = routed(tl.mix_weights(tl.router(feats[-1]), "hard"))
     right = nll[f"child:{child}"]
     wrong = [c for c in sub.children if c != child]
     out = {k: round(ppl(v, chunks), 4) for k, v in nll.items()}
@@ -183,8 +198,9 @@ def markdown(result: dict) -> str:
         lines += ["", "Cost of each add-subdomain (seconds):", "", "| subdomain | adapter | sub-router | total |",
                   "|---|---:|---:|---:|"]
         for a in result["adds"]:
+            total = a["wall_seconds"] or sum(a["timing"].values())
             lines.append(f"| {a['parent']}/{a['subdomain']} | {a['timing']['adapter']:.0f} | "
-                         f"{a['timing']['router']:.1f} | {a['wall_seconds']:.0f} |")
+                         f"{a['timing']['router']:.1f} | {total:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -217,7 +233,7 @@ def main() -> None:
     ap.add_argument("--bundle", type=Path, default=Path("runs/demo/bundle"), help="trained bundle to start from")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/hierarchy"))
     ap.add_argument("--steps", type=int, default=40, help="training steps per subdomain adapter (quick budget: 40)")
-    ap.add_argument("--test-chunks", type=int, default=48, help="test chunks per subdomain")
+    ap.add_argument("--test-chunks", type=int, default=24, help="test chunks per subdomain")
     ap.add_argument("--parents", default="medical,literature", help="parents to grow and measure, in order")
     ap.add_argument("--measure-only", action="store_true", help="measure the subdomains the work bundle has")
     args = ap.parse_args()
@@ -237,6 +253,9 @@ def main() -> None:
     adds = [] if args.measure_only else grow(work, args.steps, parents, log)
     done = args.out / "adds.json"
     old = json.loads(done.read_text()) if done.exists() else []
+    if not old and (args.out / "progress.log").exists():  # a run stopped before it wrote adds.json
+        old = [json.loads(line) for line in (args.out / "progress.log").read_text().splitlines()
+               if line.startswith("{")]
     adds = old + adds
     done.write_text(json.dumps(adds, indent=1, default=str))
     log(f"subdomains added in {time.perf_counter() - t0:.0f} s")
@@ -257,8 +276,8 @@ def main() -> None:
               "threshold": tl.hierarchy.subs[parents[0]].fallback_threshold, "lengths": LENGTHS,
               "thresholds": THRESHOLDS, "children": children,
               "pooled": {p: pooled(children, p) for p in parents},
-              "adds": [{k: a[k] for k in ("parent", "subdomain", "timing", "wall_seconds", "aligned_with_parent",
-                                          "split", "router_training")} for a in adds]}
+              "adds": [{k: a.get(k) for k in ("parent", "subdomain", "timing", "wall_seconds", "aligned_with_parent",
+                                              "split", "router_training")} for a in adds if a["parent"] in parents]}
     (args.out / "hierarchy.json").write_text(json.dumps(result, indent=2))
     (args.out / "hierarchy.md").write_text(markdown(result))
     plot(result, args.out)
