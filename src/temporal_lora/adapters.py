@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -112,6 +113,7 @@ def train_adapter(
     if accelerator.is_main_process:
         # Adapter name "default" makes PEFT write the files at the top of out_dir.
         unwrapped.save_pretrained(out_dir, safe_serialization=True)
+        canonical_adapter_config(Path(out_dir))
     accelerator.wait_for_everyone()
     unwrapped.unload()  # removes the LoRA layers; base weights were frozen, so the base is unchanged
     tail = losses[-max(1, len(losses) // 5) :]
@@ -142,3 +144,19 @@ def _warmup_cosine(warmup: int, total: int):
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def canonical_adapter_config(folder: Path) -> None:
+    """Rewrite every adapter_config.json under `folder` with its list fields in sorted order.
+
+    PEFT writes set-valued fields (target_modules) in the set's iteration order, which depends on
+    the process's hash seed, so the same adapter saved by two processes had different bytes and
+    checksums. Same format as PEFT (indent 2, sorted keys), so PEFT and other tools read it as before.
+    """
+    for path in sorted(Path(folder).rglob("adapter_config.json")):
+        config = json.loads(path.read_text(encoding="utf-8"))
+        for key in ("target_modules", "exclude_modules"):  # the fields PEFT keeps as sets
+            if isinstance(config.get(key), list):
+                config[key] = sorted(config[key])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+
