@@ -112,8 +112,7 @@ def train_adapter(
     unwrapped = accelerator.unwrap_model(peft_model)
     if accelerator.is_main_process:
         # Adapter name "default" makes PEFT write the files at the top of out_dir.
-        unwrapped.save_pretrained(out_dir, safe_serialization=True)
-        canonical_adapter_config(Path(out_dir))
+        save_peft_adapters(unwrapped, Path(out_dir))
     accelerator.wait_for_everyone()
     unwrapped.unload()  # removes the LoRA layers; base weights were frozen, so the base is unchanged
     tail = losses[-max(1, len(losses) // 5) :]
@@ -146,17 +145,18 @@ def _warmup_cosine(warmup: int, total: int):
     return factor
 
 
-def canonical_adapter_config(folder: Path) -> None:
-    """Rewrite every adapter_config.json under `folder` with its list fields in sorted order.
+def save_peft_adapters(peft_model, folder: Path, **kwargs) -> None:
+    """PEFT's save_pretrained (safetensors), with adapter_config.json written the same way in every process.
 
     PEFT writes set-valued fields (target_modules) in the set's iteration order, which depends on
     the process's hash seed, so the same adapter saved by two processes had different bytes and
-    checksums. Same format as PEFT (indent 2, sorted keys), so PEFT and other tools read it as before.
+    checksums. Those fields are rewritten sorted, in PEFT's own format (indent 2, sorted keys), so
+    PEFT and other tools read the folders as before. Every adapter we write goes through here.
     """
+    peft_model.save_pretrained(folder, safe_serialization=True, **kwargs)
     for path in sorted(Path(folder).rglob("adapter_config.json")):
         config = json.loads(path.read_text(encoding="utf-8"))
         for key in ("target_modules", "exclude_modules"):  # the fields PEFT keeps as sets
             if isinstance(config.get(key), list):
                 config[key] = sorted(config[key])
         path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
-

@@ -186,7 +186,9 @@ class Hierarchy:
         stage = root / ".subadapters-stage"
         names = self.adapter_names()
         if names:
-            tl.peft_model.save_pretrained(stage, selected_adapters=names, safe_serialization=True)
+            from temporal_lora.adapters import save_peft_adapters
+
+            save_peft_adapters(tl.peft_model, stage, selected_adapters=names)
         entries = json.loads(json.dumps(self.entries))
         for parent, sub in self.subs.items():
             for child in sub.children:

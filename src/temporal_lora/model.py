@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from temporal_lora import __version__
-from temporal_lora.adapters import canonical_adapter_config
+from temporal_lora.adapters import save_peft_adapters
 from temporal_lora.backbone import context_length, decoder_layers, fingerprint, load_backbone
 from temporal_lora.bundle import (
     FORMAT,
@@ -151,8 +151,7 @@ class TemporalLoRA:
         path = Path(path)
 
         def fill(tmp: Path) -> None:
-            self.peft_model.save_pretrained(tmp / "adapters", selected_adapters=self.domains, safe_serialization=True)
-            canonical_adapter_config(tmp / "adapters")
+            save_peft_adapters(self.peft_model, tmp / "adapters", selected_adapters=self.domains)
             (tmp / "router").mkdir()
             save_file({k: v.contiguous() for k, v in self.router.state_dict().items()},
                       str(tmp / "router" / "router.safetensors"))

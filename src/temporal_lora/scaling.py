@@ -70,10 +70,6 @@ def scaling_budget(name: str) -> ScalingBudget:
     raise InputError(f"unknown scaling budget {name!r}; choose quick or full")
 
 
-def _ppl(nll: torch.Tensor, chunks: torch.Tensor) -> float:
-    return round(math.exp(float(nll.sum()) / chunks[:, 1:].numel()), 4)
-
-
 def _gmean(xs: list[float]) -> float:
     return round(math.exp(sum(math.log(x) for x in xs) / len(xs)), 4)
 
@@ -367,7 +363,7 @@ def measure_routing(features, data, domains, b: ScalingBudget, cfg: TrainConfig,
 
 def measure_quality(tl, data, domains, b: ScalingBudget, routing: dict, multitask: dict) -> dict:
     """Perplexity per domain for base, oracle, and at each N routed / multitask / rank-scaled."""
-    from temporal_lora.bench import _routed_nll, _single_nll
+    from temporal_lora.bench import _ppl, _routed_nll, _single_nll
 
     k = len(tl.domains)
     ppl: dict[str, dict[str, float]] = {"base": {}, "oracle": {}}
@@ -394,7 +390,7 @@ def measure_isolation(tl, tl_updated, data, domains, k: str, b: ScalingBudget, q
     """Temporal LoRA before and after domain k's adapter is retrained, on every other domain's
     test chunks, through the full model (router + mixer, hard and soft): logits compared bit for
     bit. Multitask before and after (retrain / fine-tune) on the other domains of its N."""
-    from temporal_lora.bench import _single_nll
+    from temporal_lora.bench import _ppl, _single_nll
 
     others = [d for d in domains if d != k]
     temporal: dict[str, dict] = {}
