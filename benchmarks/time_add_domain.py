@@ -23,8 +23,9 @@ from temporal_lora.backbone import load_backbone
 from temporal_lora.bundle import read_manifest
 from temporal_lora.corpora import load_domain
 from temporal_lora.data import chunk_documents
-from temporal_lora.evolve import add_domain, load_router
-from temporal_lora.router import prefix_features
+from temporal_lora.evolve import add_domain
+from temporal_lora.routing.features import prefix_features
+from temporal_lora.storage import load_router
 from temporal_lora.train import train_bundle
 
 LENGTHS = [8, 16, 32, 64, 128]
@@ -86,7 +87,7 @@ def main() -> None:
     for i, name in enumerate(order[1:], start=1):
         manifest = read_manifest(bundle)
         old = list(manifest["domains"])
-        before_net = load_router(bundle, manifest)
+        before_net = load_router(bundle, manifest["router"], len(manifest["domains"]))
         splits = json.loads((bundle / "data" / "splits.json").read_text())
         for d in old:
             if d not in feats:
@@ -96,7 +97,7 @@ def main() -> None:
         report = add_domain(bundle, name, budget=args.budget, progress=True)
         total = time.perf_counter() - t0
         manifest = read_manifest(bundle)
-        after_net = load_router(bundle, manifest)
+        after_net = load_router(bundle, manifest["router"], len(manifest["domains"]))
         domains = list(manifest["domains"])
         after = accuracy(after_net, {d: feats[d] for d in old}, domains)
         splits = json.loads((bundle / "data" / "splits.json").read_text())
@@ -129,7 +130,8 @@ def reference(out: Path, n_test: int) -> None:
     """For each step, a router trained from scratch on the raw text's float32 features of the same
     domains (what retraining everything would give) on the same old-domain test chunks."""
     from temporal_lora.evolve import bundle_train_config
-    from temporal_lora.replay import domain_features, fit_router
+    from temporal_lora.routing.gating import fit_router
+    from temporal_lora.routing.replay import domain_features
     from temporal_lora.train import chunks_tensor, load_domain_data
 
     result = json.loads((out / "add_domain.json").read_text())

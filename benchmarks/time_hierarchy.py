@@ -30,16 +30,12 @@ import torch
 
 from temporal_lora.bundle import read_manifest
 from temporal_lora.config import budget_config
+from temporal_lora.corpora.subdomains import load_builtin_subdomain
 from temporal_lora.data import chunk_documents
-from temporal_lora.hierarchy import (
-    adapter_name,
-    adapter_weights,
-    add_subdomain,
-    hierarchical_weights,
-    load_builtin_subdomain,
-)
+from temporal_lora.evolve import add_subdomain
 from temporal_lora.model import TemporalLoRA
-from temporal_lora.router import prefix_features
+from temporal_lora.routing.features import prefix_features
+from temporal_lora.routing.hierarchy import adapter_name
 
 PLAN = {"medical": ["case-reports", "reviews", "trials"], "literature": ["comedies", "tragedies", "histories"]}
 LENGTHS = [16, 64, 128]
@@ -102,10 +98,10 @@ def measure_child(tl, parent: str, child: str, chunks: torch.Tensor) -> dict:
                                "sweep": sweep}
     # perplexity on the whole 128-token chunks, each adapter on the same chunks
     n = len(chunks)
-    nll = {"base": tl.token_nll(chunks, adapter_weights(tl, "base", n)),
-           "parent": tl.token_nll(chunks, adapter_weights(tl, parent, n))}
+    nll = {"base": tl.token_nll(chunks, tl.domain_weights("base", n)),
+           "parent": tl.token_nll(chunks, tl.domain_weights(parent, n))}
     for c in sub.children:
-        nll[f"child:{c}"] = tl.token_nll(chunks, adapter_weights(tl, f"{parent}/{c}", n))
+        nll[f"child:{c}"] = tl.token_nll(chunks, tl.domain_weights(f"{parent}/{c}", n))
     with torch.no_grad():
         top = tl.decisions(tl.router(feats[-1]))
     decisions = [d.to_dict() | {k: v for k, v in s.to_dict().items() if k != "domain"}
@@ -123,7 +119,9 @@ def measure_child(tl, parent: str, child: str, chunks: torch.Tensor) -> dict:
             out[rest] = tl.token_nll(chunks[rest], w[rest])
         return out
 
-    nll["hierarchical"] = routed(hierarchical_weights(tl, decisions))
+    # the weights generation applies: the routed adapter ('parent/child', or 'parent' after a fallback)
+    nll["hierarchical"] = routed(torch.cat([tl.domain_weights(d["route"] if d["domain"] else None, 1)
+                                            for d in decisions]))
     with torch.no_grad():
         nll["flat"] = routed(tl.mix_weights(tl.router(feats[-1]), "hard"))
     right = nll[f"child:{child}"]

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from time_segments import _lag, build_streams, evaluate_config, segment_probs_for  # noqa: E402
 
 from temporal_lora.model import TemporalLoRA  # noqa: E402
-from temporal_lora.segments import SegmentConfig, SegmentRouter  # noqa: E402
+from temporal_lora.routing.segments import SegmentConfig, SegmentRouter  # noqa: E402
 
 BASE = [(32, 0.5, 0.4, 1), (64, 1.0, 0.0, 1), (64, 0.7, 0.2, 1), (32, 0.7, 0.2, 1)]
 GATES = [0.0, 0.6, 0.7, 0.8, 0.9, 0.95]

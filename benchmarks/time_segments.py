@@ -30,8 +30,8 @@ import torch
 
 from temporal_lora.corpora import load_domain
 from temporal_lora.model import TemporalLoRA
-from temporal_lora.router import pool_prefixes, token_features
-from temporal_lora.segments import SegmentConfig, SegmentRouter, token_spans
+from temporal_lora.routing.features import pool_prefixes, token_features
+from temporal_lora.routing.segments import SegmentConfig, SegmentRouter, token_spans
 
 HOLD, THRESHOLD = 3, 0.9
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import schemathesis
-from conftest import TINY_DOMAINS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis.generation.modes import GenerationMode
-from serving import load_served, running
+from support.serving import load_served, running
+from support.tiny import TINY_DOMAINS
 
 from temporal_lora.server import ServerSettings, create_app
 

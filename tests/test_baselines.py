@@ -4,10 +4,15 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import tiny_config
+from support.tiny import tiny_config
 
 from temporal_lora.backbone import fingerprint, load_backbone
-from temporal_lora.baselines import merge_adapters, prefix_texts, train_multitask, train_sequential
+from temporal_lora.bench.baselines import (
+    merge_adapters,
+    prefix_texts,
+    train_multitask,
+    train_sequential,
+)
 from temporal_lora.model import TemporalLoRA
 
 

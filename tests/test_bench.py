@@ -4,9 +4,12 @@ Timings are never asserted (benchmarks measure, tests check)."""
 import json
 from dataclasses import replace
 
-from conftest import TINY_DOMAINS
+from support.tiny import TINY_DOMAINS
 
-from temporal_lora.bench import BenchBudget, backward_transfer, run_bench, sotu_documents
+from temporal_lora.bench import run_bench
+from temporal_lora.bench.common import BenchBudget
+from temporal_lora.bench.quality import backward_transfer
+from temporal_lora.corpora.sotu import sotu_documents
 
 TINY = BenchBudget(name="test", ppl_chunks=3, router_chunks=6, ood_chunks=4, repeats=1, new_tokens=3,
                    prompt_tokens=12, minilm=False, arrow=True, baseline_steps=1)

@@ -5,7 +5,7 @@ import pickle
 import shutil
 
 import pytest
-from tiny import build_tiny_model
+from support.tiny import build_tiny_model
 
 from temporal_lora.bundle import MANIFEST, read_manifest
 from temporal_lora.errors import BaseModelMismatchError, BundleError

@@ -16,8 +16,8 @@ from temporal_lora.corpora import (
 )
 from temporal_lora.corpora.legal import licence_family
 from temporal_lora.corpora.literature import clean_markdown
-from temporal_lora.corpora.medical import _abstracts
-from temporal_lora.corpora.technical import _without_most_release_notes, section_of
+from temporal_lora.corpora.medline import articles
+from temporal_lora.corpora.technical import section_of, without_most_release_notes
 from temporal_lora.errors import CorpusError
 
 PARAGRAPHS = [
@@ -237,7 +237,7 @@ def test_django_sections_and_release_notes():
         for major in range(1, 6)
         for minor in range(10)
     ]
-    kept = _without_most_release_notes(pages)
+    kept = without_most_release_notes(pages)
     assert PurePosixPath("intro/install.txt") in kept
     releases = [p for p in kept if p.parts[0] == "releases"]
     assert len(releases) == 20
@@ -267,9 +267,8 @@ def test_pubmed_abstract_parts_are_joined():
     </MedlineCitation></PubmedArticle>
     <PubmedArticle><MedlineCitation><PMID>124</PMID><Article/></MedlineCitation></PubmedArticle>
     </PubmedArticleSet>"""
-    assert list(_abstracts(io.BytesIO(xml))) == [
-        ("123", "Drugs of abuse share a property.\nWe present evidence.")
-    ]
+    found = [(a.pmid, a.abstract()) for a in articles(io.BytesIO(xml)) if a.abstract()]
+    assert found == [("123", "Drugs of abuse share a property.\nWe present evidence.")]
 
 
 # --- the real corpora -------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 
 from temporal_lora.bundle import MANIFEST, read_manifest
 
-DRIVER = Path(__file__).parent / "crash_driver.py"
+DRIVER = Path(__file__).parent / "support" / "crash_driver.py"
 ARTIFACTS = Path(__file__).parents[1] / "runs" / "test-artifacts"
 REPORT: dict[str, dict] = {}
 RANDOM_KILLS = 3  # per operation; each is a subprocess that imports torch

@@ -3,7 +3,7 @@
 import threading
 
 import pytest
-from serving import load_served, pick_domain_texts
+from support.serving import load_served, pick_domain_texts
 
 from temporal_lora.server.engine import Engine, Job, Route, Sampling
 

@@ -12,7 +12,7 @@ import httpx
 import openai
 import psutil
 import pytest
-from conftest import TINY_DOMAINS
+from support.tiny import TINY_DOMAINS
 
 from temporal_lora.cli import main
 

@@ -3,7 +3,7 @@
 import httpx
 import openai
 import pytest
-from serving import load_served, pick_domain_texts, running
+from support.serving import load_served, pick_domain_texts, running
 
 from temporal_lora.server import ServerSettings, create_app
 

@@ -7,19 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_DOMAINS, tiny_config
+from support.tiny import TINY_DOMAINS, tiny_config
 
 from temporal_lora.bundle import read_manifest
 from temporal_lora.cli import main
 from temporal_lora.errors import InputError
-from temporal_lora.evolve import remove_domain
-from temporal_lora.hierarchy import (
-    adapter_weights,
-    add_subdomain,
-    hierarchical_weights,
-    route_hierarchical,
-)
+from temporal_lora.evolve import add_subdomain, remove_domain
 from temporal_lora.model import TemporalLoRA
+from temporal_lora.routing.decisions import plan_routes, route_texts
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # Two real, clearly different slices of Python's standard library as subdomains of `code`: a
@@ -98,7 +93,7 @@ def _two_level_accuracy(tl, texts: dict[str, list[str]]) -> tuple[int, float]:
     right = total = n = 0
     for child, items in texts.items():
         assert items, child
-        for row in route_hierarchical(tl, items, fallback_threshold=0.0):
+        for row in route_texts(tl, items, fallback_threshold=0.0):
             n += 1
             if row["domain"] == "code":
                 assert not row["fallback"]
@@ -122,19 +117,21 @@ def test_fallback_to_the_parent_below_the_threshold(hier, corpora):
     bundle = hier[0]
     tl = TemporalLoRA.from_pretrained(bundle)
     items = sum(_held_out_texts(bundle, corpora, tl).values(), [])
-    free = [r for r in route_hierarchical(tl, items, fallback_threshold=0.0) if r["domain"] == "code"]
+    free = [r for r in route_texts(tl, items, fallback_threshold=0.0) if r["domain"] == "code"]
     confs = sorted(r["subdomain_confidence"] for r in free)
     mid = len(confs) // 2
     cut = (confs[mid - 1] + confs[mid]) / 2  # between two inputs, clear of rounding
     assert confs[0] < cut < confs[-1]  # the threshold splits the inputs
-    rows = [r for r in route_hierarchical(tl, items, fallback_threshold=cut) if r["domain"] == "code"]
+    routed = route_texts(tl, items, fallback_threshold=cut)
+    rows = [r for r in routed if r["domain"] == "code"]
     for r in rows:
         if r["subdomain_confidence"] < cut:
             assert r["fallback"] and r["subdomain"] is None and r["route"] == "code"
         else:
             assert not r["fallback"] and r["route"] == f"code/{r['subdomain']}"
-    # the adapter actually applied follows the decision: the parent's on a fallback
-    w = hierarchical_weights(tl, rows)
+    # the adapter generation applies follows the decision: the parent's on a fallback
+    tl.hierarchy.set_threshold(cut)
+    w = plan_routes(tl, tl.encode([t for t, r in zip(items, routed, strict=True) if r["domain"] == "code"])).weights
     names = tl.mixer.adapter_names
     for r, row in zip(rows, w, strict=True):
         assert names[int(row.argmax())] == ("code" if r["fallback"] else f"code~{r['subdomain']}")
@@ -148,21 +145,21 @@ def test_round_trip_save_and_load(hier, corpora, tmp_path):
     out = tl.save_pretrained(tmp_path / "copy")
     again = TemporalLoRA.from_pretrained(out)
     assert read_manifest(out)["subdomains"]["code"]["children"] == ["net", "codecs"]
-    assert route_hierarchical(again, items) == route_hierarchical(tl, items)
+    assert route_texts(again, items) == route_texts(tl, items)
     chunks = torch.tensor([tl.encode([items[0]])[0][:32]] * 2)
     for name in ("code/net", "code/codecs", "code"):
-        before = tl.token_nll(chunks, adapter_weights(tl, name, 2))
-        assert torch.equal(again.token_nll(chunks, adapter_weights(again, name, 2)), before)
+        before = tl.token_nll(chunks, tl.domain_weights(name, 2))
+        assert torch.equal(again.token_nll(chunks, again.domain_weights(name, 2)), before)
     # a subdomain adapter really differs from its parent
-    assert not torch.equal(tl.token_nll(chunks, adapter_weights(tl, "code/net", 2)),
-                           tl.token_nll(chunks, adapter_weights(tl, "code", 2)))
+    assert not torch.equal(tl.token_nll(chunks, tl.domain_weights("code/net", 2)),
+                           tl.token_nll(chunks, tl.domain_weights("code", 2)))
 
 
 def test_bundles_without_subdomains_are_unchanged(tiny_bundle, hier, corpora):
     plain = TemporalLoRA.from_pretrained(tiny_bundle)
     assert plain.hierarchy is None and plain.mixer.adapter_names == TINY_DOMAINS
     assert "subdomains" not in read_manifest(tiny_bundle)
-    assert set(route_hierarchical(plain, ["def f(x):\n    return x"])[0]) == {
+    assert set(route_texts(plain, ["def f(x):\n    return x"])[0]) == {
         "domain", "probs", "confidence", "abstained"}
     tl = TemporalLoRA.from_pretrained(hier[0])
     items = sum(_held_out_texts(hier[0], corpora, tl).values(), [])[:8]
@@ -205,7 +202,7 @@ def test_cli_route_shows_the_subdomain_and_errors_change_nothing(hier, corpora, 
 
 def test_server_route_shows_the_subdomain(hier, corpora):
     import httpx
-    from serving import load_served, running
+    from support.serving import load_served, running
 
     from temporal_lora.server import ServerSettings, create_app
 
@@ -213,7 +210,7 @@ def test_server_route_shows_the_subdomain(hier, corpora):
     items = _held_out_texts(hier[0], corpora, tl)["codecs"][:3]
     with running(create_app(tl, ServerSettings())) as url:
         rows = httpx.post(f"{url}/v1/route", json={"input": items}, timeout=60).json()["data"]
-    expected = route_hierarchical(tl, items)
+    expected = route_texts(tl, items)
     for row, want in zip(rows, expected, strict=True):
         assert row["domain"] == want["domain"] and row["route"] == want["route"]
         assert row["subdomain"] == want["subdomain"] and row["fallback"] == want["fallback"]
@@ -222,11 +219,42 @@ def test_server_route_shows_the_subdomain(hier, corpora):
 def test_generation_uses_the_subdomain_adapter(hier, corpora):
     tl = TemporalLoRA.from_pretrained(hier[0])
     items = _held_out_texts(hier[0], corpora, tl)["codecs"][:4]
-    routes = route_hierarchical(tl, items)
+    routes = route_texts(tl, items)
     for g, r in zip(tl.generate(items, max_new_tokens=4), routes, strict=True):
         used = [k for k, v in g.weights.items() if v == 1.0]
         assert used == ([r["route"]] if r["domain"] else [])
         assert sum(g.weights.values()) == (1.0 if r["domain"] else 0.0)
     # forcing a top-level domain, or soft mode, works as in a bundle without subdomains
-    assert set(tl.generate(items[:1], domain="code", max_new_tokens=2)[0].weights) == set(tl.domains)
-    assert set(tl.generate(items[:1], mode="soft", max_new_tokens=2)[0].weights) == set(tl.domains)
+    forced = tl.generate(items[:1], domain="code", max_new_tokens=2)[0].weights
+    assert {k for k, v in forced.items() if v} == {"code"}
+    soft = tl.generate(items[:1], mode="soft", max_new_tokens=2)[0].weights
+    assert {k for k, v in soft.items() if v} <= set(tl.domains)
+    # and a subdomain can be forced by name
+    assert {k for k, v in tl.generate(items[:1], domain="code/net", max_new_tokens=2)[0].weights.items() if v} == {
+        "code/net"}
+
+
+def test_library_cli_and_server_generate_the_same_text(hier, corpora, capsys):
+    """One routing decision for every path: the same prompt and seed give the same text and the
+    same adapters (subdomains included) from TemporalLoRA.generate, `tlora generate` and `tlora serve`."""
+    import httpx
+    from support.serving import load_served, running
+
+    from temporal_lora.server import ServerSettings, create_app
+
+    tl = load_served(hier[0])
+    texts = _held_out_texts(hier[0], corpora, tl)
+    prompts = [" ".join(t.split()[:24]) for t in texts["codecs"][:2] + texts["net"][:1]]
+    library = [tl.generate([p], max_new_tokens=8, seed=3)[0] for p in prompts]
+    assert any(k.startswith("code/") for g in library for k, v in g.weights.items() if v)  # a subdomain is used
+    cli = []
+    for p in prompts:
+        assert main(["generate", "--bundle", str(hier[0]), p, "--max-new-tokens", "8", "--seed", "3", "--json"]) == 0
+        cli.append(json.loads(capsys.readouterr().out))
+    with running(create_app(tl, ServerSettings())) as url:
+        served = [httpx.post(f"{url}/v1/completions", json={"model": "auto", "prompt": p, "max_tokens": 8,
+                                                             "temperature": 0, "seed": 3}, timeout=120).json()
+                  for p in prompts]
+    for g, c, s in zip(library, cli, served, strict=True):
+        assert g.text == c["text"] == s["choices"][0]["text"]
+        assert g.weights == c["weights"] == s["choices"][0]["routing"]["weights"]

@@ -70,7 +70,7 @@ def test_routing_in_a_batch_equals_routing_each_alone(tl, batch):
 @settings(max_examples=40, **SETTINGS)
 @given(text=texts, unit=st.sampled_from(["sentence", "paragraph", "tokens:8"]))
 def test_segment_routing_gives_segments_or_a_clear_error(tl, text, unit):
-    from temporal_lora.segments import SegmentConfig, SegmentRouter
+    from temporal_lora.routing.segments import SegmentConfig, SegmentRouter
 
     try:
         segments = SegmentRouter(tl, SegmentConfig.parse(unit)).route(text)

@@ -4,12 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from support.tiny import tiny_config
 
 from temporal_lora.adapters import train_adapter
 from temporal_lora.backbone import fingerprint, load_backbone
 from temporal_lora.model import TemporalLoRA
-from temporal_lora.router import GatingNetwork
+from temporal_lora.routing.gating import GatingNetwork
 
 NAMES = ["alpha", "beta", "gamma"]
 
@@ -100,9 +100,9 @@ def test_mixed_domain_generation_matches_each_prompt_alone(assembled):
         assert alone.text == together[i].text
         assert alone.weights == together[i].weights
     # forcing different adapters inside one batch (left padding + per-sample weights)
-    forced = [tl._generate_ids(tl.encode(prompts), torch.eye(3), 8, False, 1.0, 0)]
+    forced = [tl.generate_ids(tl.encode(prompts), torch.eye(3), 8)]
     for i, prompt in enumerate(prompts):
-        single = tl._generate_ids(tl.encode([prompt]), torch.eye(3)[i : i + 1], 8, False, 1.0, 0)
+        single = tl.generate_ids(tl.encode([prompt]), torch.eye(3)[i : i + 1], 8)
         assert forced[0][i] == single[0]
 
 

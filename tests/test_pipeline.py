@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_DOMAINS
+from support.tiny import TINY_DOMAINS
 
 from temporal_lora.bundle import MANIFEST
 from temporal_lora.evaluate import evaluate_bundle, held_out_chunks
@@ -115,7 +115,7 @@ def test_evaluation_report(loaded, tmp_path):
 
 def test_gpt2_architecture_end_to_end(tiny_gpt2, tmp_path):
     """The original method's base architecture: Conv1D layers need fan_in_fan_out=True."""
-    from conftest import tiny_config
+    from support.tiny import tiny_config
 
     from temporal_lora.train import train_bundle
 

@@ -4,7 +4,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from serving import CHROMIUM_ARGS, load_served, pick_domain_texts, running
+from support.serving import CHROMIUM_ARGS, load_served, pick_domain_texts, running
 
 from temporal_lora.server import create_app
 

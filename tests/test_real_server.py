@@ -2,8 +2,8 @@
 
 import openai
 import pytest
-from conftest import REAL_DOMAINS
-from serving import load_served, pick_domain_texts, running
+from support.serving import load_served, pick_domain_texts, running
+from support.tiny import REAL_DOMAINS
 
 from temporal_lora.server import create_app
 

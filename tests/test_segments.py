@@ -9,7 +9,7 @@ from temporal_lora.cli import main
 from temporal_lora.errors import InputError
 from temporal_lora.mixing import one_hot
 from temporal_lora.model import TemporalLoRA
-from temporal_lora.segments import (
+from temporal_lora.routing.segments import (
     HysteresisState,
     SegmentConfig,
     SegmentRouter,
@@ -147,7 +147,7 @@ def test_route_segments_cli(tiny_bundle, capsys):
 
 def test_server_route_returns_segments_on_request(tl):
     import httpx
-    from serving import running
+    from support.serving import running
 
     from temporal_lora.server import ServerSettings, create_app
 

@@ -6,8 +6,8 @@ import json
 import httpx
 import openai
 import pytest
-from conftest import TINY_DOMAINS
-from serving import load_served, pick_domain_texts, running, wait_until
+from support.serving import load_served, pick_domain_texts, running, wait_until
+from support.tiny import TINY_DOMAINS
 
 from temporal_lora.server import ServerSettings, create_app
 

@@ -9,7 +9,7 @@ import threading
 
 import httpx
 import pytest
-from serving import load_served, pick_domain_texts, running, wait_until
+from support.serving import load_served, pick_domain_texts, running, wait_until
 
 from temporal_lora.server import ServerSettings, create_app
 

@@ -4,7 +4,7 @@ import json
 import shutil
 
 import pytest
-from conftest import TINY_DOMAINS, tiny_config
+from support.tiny import TINY_DOMAINS, tiny_config
 
 from temporal_lora.bundle import MANIFEST, read_manifest
 from temporal_lora.cli import main
@@ -137,7 +137,7 @@ def test_replay_memory_file_is_byte_identical_when_rewritten(tmp_path):
 
     import torch
 
-    from temporal_lora.replay import load_replay, save_replay
+    from temporal_lora.routing.replay import load_replay, save_replay
 
     features = {d: {"train": torch.randn(6, 4), "calib": torch.randn(2, 4)} for d in ("code", "legal")}
     digests = set()

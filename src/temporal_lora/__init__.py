@@ -1,8 +1,7 @@
 """Temporal LoRA: one frozen base model, one LoRA adapter per domain, and a router in front."""
 
-__version__ = "0.1.0"
-
-from temporal_lora.errors import TemporalLoRAError  # noqa: E402
+from temporal_lora.errors import TemporalLoRAError
+from temporal_lora.meta import __version__
 
 __all__ = ["TemporalLoRA", "TemporalLoRAError", "__version__"]
 

@@ -164,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend-url", default=None, help="e.g. http://gpu-host:8001/v1 (vLLM, LoRAX, SGLang, tlora)")
     p.add_argument("--backend-api-key", default=os.environ.get("TLORA_BACKEND_API_KEY"))
     p.add_argument("--backend-base-model", default="base", help="the engine's name for the plain base model")
+    p.add_argument("--backend-lora-updates", default="vllm", choices=["vllm", "off"],
+                   help="after a reload, load new adapters into the engine with its /v1/load_lora_adapter "
+                        "(vLLM needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True), or not (off)")
+    p.add_argument("--reload-poll", type=float, default=2.0, metavar="SECONDS",
+                   help="check the bundle's manifest.json for a new version this often; 0 = only on "
+                        "POST /admin/reload (default 2)")
+    p.add_argument("--runtime-lora-updates", action="store_true",
+                   help="offer vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (to act as the engine "
+                        "of a forwarding front-end)")
     _add_threshold(p)
 
     p = sub.add_parser("export", help="export adapters for a multi-LoRA engine and print its serve command")
@@ -208,36 +217,27 @@ def cmd_route(args) -> None:
     texts = list(args.texts) + (read_jsonl_texts(args.jsonl) if args.jsonl else [])
     if not texts:
         raise InputError("no input: give TEXT arguments or --jsonl FILE")
-    tl = _load(args)
+    segments = None
     if args.segments:
-        from temporal_lora.segments import SegmentConfig, SegmentRouter
+        from temporal_lora.routing.segments import SegmentConfig
 
         knobs = {k: v for k, v in (("smoothing", args.smoothing), ("margin", args.margin),
                                    ("confirm", args.confirm), ("min_confidence", args.min_confidence))
                  if v is not None}
-        router = SegmentRouter(tl, SegmentConfig.parse(args.segments, **knobs))
-        for text in texts:
-            segments = router.route(text)
-            print(json.dumps({"domains": list(dict.fromkeys(s.domain for s in segments)),
-                              "switches": sum(s.switched for s in segments),
-                              "segments": [s.to_dict() for s in segments]}))
-        return
-    if tl.hierarchy is not None:  # two levels: "route" is parent/child, or the parent after a fallback
-        from temporal_lora.hierarchy import route_hierarchical
+        segments = SegmentConfig.parse(args.segments, **knobs)
+    from temporal_lora.routing.decisions import route_texts
 
-        for row in route_hierarchical(tl, texts, args.fallback_threshold):
-            print(json.dumps(row))
-        return
-    for decision in tl.route(texts):
-        print(json.dumps({"domain": decision.domain, "probs": decision.probs, "confidence": decision.confidence,
-                          "abstained": decision.abstained}))
+    # One JSON object per text: the decision, the subdomain below it (bundles with subdomains),
+    # and with --segments the segment-by-segment routes; /v1/route answers the same.
+    for row in route_texts(_load(args), texts, segments=segments, fallback_threshold=args.fallback_threshold):
+        print(json.dumps(row))
 
 
 def cmd_generate(args) -> None:
     tl = _load(args)
     if args.segments:
         from temporal_lora.errors import InputError
-        from temporal_lora.segments import SegmentConfig, generate_segmented
+        from temporal_lora.routing.segments import SegmentConfig, generate_segmented
 
         cfg = SegmentConfig.parse(args.segments)
         if cfg.unit != "tokens" or args.mode == "topk" or args.domain or args.sample or args.chat:
@@ -296,7 +296,7 @@ def cmd_add_domain(args) -> None:
 
 
 def cmd_add_subdomain(args) -> None:
-    from temporal_lora.hierarchy import add_subdomain
+    from temporal_lora.evolve import add_subdomain
 
     report = add_subdomain(args.bundle, args.parent, args.name, data=args.data, corpus=args.corpus,
                            budget=args.budget, seed=args.seed, init=args.init,
@@ -335,7 +335,7 @@ def cmd_history(args) -> None:
 
 def cmd_bench(args) -> None:
     if args.what == "scaling":
-        from temporal_lora.scaling import run_scaling
+        from temporal_lora.bench.scaling import run_scaling
 
         if args.bundle is not None:
             from temporal_lora.errors import InputError
@@ -369,7 +369,11 @@ def cmd_serve(args) -> None:
                               max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency,
                               max_batch=args.max_batch, routing_mode=args.mode, api_key=args.api_key,
                               backend_url=args.backend_url, backend_api_key=args.backend_api_key,
-                              backend_base_model=args.backend_base_model)
+                              backend_base_model=args.backend_base_model,
+                              backend_lora_updates=args.backend_lora_updates, reload_poll_s=args.reload_poll,
+                              runtime_lora_updates=args.runtime_lora_updates)
+    if args.reload_poll < 0:
+        raise InputError("--reload-poll must be 0 (off) or a number of seconds")
     serve(args.bundle, host=args.host, port=args.port, settings=settings, abstain_threshold=args.abstain_threshold)
 
 

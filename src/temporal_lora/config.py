@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from temporal_lora.errors import InputError
+
+# Prompt lengths (tokens) at which routing is measured everywhere: eval, bench, scaling.
+EVAL_LENGTHS = (8, 16, 32, 64, 128)
 
 
 @dataclass
@@ -55,6 +58,26 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict | None, router: dict | None = None) -> TrainConfig:
+        """The inverse of `to_dict`; keys an older or newer version wrote are ignored, missing ones
+        take their defaults. `router` (a manifest's router config) wins over the recorded one."""
+        raw = dict(raw or {})
+        adapter = AdapterConfig(**_known(AdapterConfig, raw.pop("adapter", None) or {}))
+        router_cfg = RouterConfig(**_known(RouterConfig, router or raw.pop("router", None) or {}))
+        raw.pop("router", None)
+        return cls(**_known(cls, raw), adapter=adapter, router=router_cfg)
+
+
+def _known(cls, raw: dict) -> dict:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in raw.items() if k in names}
+
+
+def router_prefix_lengths(router: RouterConfig, block_size: int) -> list[int]:
+    """The prompt lengths the router trains on: its `train_lengths` that fit in one training block."""
+    return [n for n in router.train_lengths if n <= block_size]
 
 
 BUDGETS = ("quick", "full")

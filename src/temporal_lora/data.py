@@ -185,6 +185,27 @@ def split_documents(
 # Generous characters-per-token guess for the first prefix; grown by doubling when short.
 
 
+def split_like_parent(docs: list[Document], parent_split: dict | None, seed: int) -> tuple[Splits, bool]:
+    """Train/val/test splits of a subdomain that respect the parent's held-out documents.
+
+    A subdomain's documents usually come from the parent's corpus (PubMed by publication type,
+    plays by genre). Documents the parent held out stay held out (parent test -> child test,
+    parent val -> child val), so neither level is measured on text the other trained on. When
+    that leaves the child without a test or validation document (few plays per genre), the
+    child's documents are split on their own; the flag says whether the split is aligned.
+    """
+    docs = dedupe(docs)
+    test_ids = set((parent_split or {}).get("test_ids", []))
+    val_ids = set((parent_split or {}).get("val_ids", []))
+    test = [d for d in docs if d.id in test_ids]
+    val = [d for d in docs if d.id in val_ids]
+    if test and val:
+        train = [d for d in docs if d.id not in test_ids and d.id not in val_ids]
+        if train:
+            return Splits(train=train, val=val, test=test), True
+    return split_documents(docs, seed=seed), False
+
+
 def chunk_documents(
     docs: Sequence[Document],
     tokenizer: Any,

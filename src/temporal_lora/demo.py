@@ -6,7 +6,11 @@ import json
 import time
 from pathlib import Path
 
+from temporal_lora.backbone import default_model_dir
 from temporal_lora.cache import atomic_write_text
+from temporal_lora.corpora import BUILTIN_DOMAINS, fetch_builtin
+from temporal_lora.evaluate import evaluate_bundle, held_out_chunks, write_report
+from temporal_lora.train import train_bundle
 
 SAMPLE_PROMPT_TOKENS = 24
 SAMPLE_NEW_TOKENS = 32
@@ -15,11 +19,6 @@ SAMPLE_NEW_TOKENS = 32
 def run_demo(out: Path, *, domains: list[str], budget: str = "quick", seed: int = 0, base: str | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
-
-    from temporal_lora.backbone import default_model_dir
-    from temporal_lora.corpora import BUILTIN_DOMAINS, fetch_builtin
-    from temporal_lora.evaluate import evaluate_bundle, held_out_chunks
-    from temporal_lora.train import train_bundle
 
     console = Console()
     out = Path(out)
@@ -54,7 +53,6 @@ def run_demo(out: Path, *, domains: list[str], budget: str = "quick", seed: int 
     report["samples"] = samples
     report["demo_timing"] = {k: round(v, 1) for k, v in timing.items()}
     report_dir = out / "report"
-    from temporal_lora.evaluate import write_report
 
     write_report(report, report_dir)
     atomic_write_text(report_dir / "samples.json", json.dumps(samples, indent=2))

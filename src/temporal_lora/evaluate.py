@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
 from temporal_lora.cache import atomic_write_text
-from temporal_lora.corpora import load_domain
+from temporal_lora.config import EVAL_LENGTHS
+from temporal_lora.corpora import load_domain, source_path
 from temporal_lora.data import chunk_documents
 from temporal_lora.errors import BundleError, CorpusError
 from temporal_lora.mixing import one_hot
 from temporal_lora.model import TemporalLoRA
-from temporal_lora.router import prefix_features
+from temporal_lora.routing.features import prefix_features
+from temporal_lora.routing.gating import GatingNetwork
+from temporal_lora.scoring import perplexity
 
-LENGTHS = (8, 16, 32, 64, 128)
 STRATEGIES = ("base", "oracle", "routed", "soft")
 
 
@@ -30,7 +31,8 @@ def held_out_chunks(tl: TemporalLoRA, n: int, *, block_size: int = 128, seed: in
         if not info:
             raise BundleError(f"bundle has no recorded test split for domain {domain!r}")
         source = info["source"]
-        paths = {domain: Path(source.removeprefix("path:"))} if source.startswith("path:") else {}
+        path = source_path(source)
+        paths = {domain: path} if path else {}
         wanted = set(info["test_ids"])
         docs = [d for d in load_domain(domain, paths) if d.id in wanted]
         if not docs:
@@ -42,20 +44,27 @@ def held_out_chunks(tl: TemporalLoRA, n: int, *, block_size: int = 128, seed: in
     return result
 
 
-def router_metrics(tl: TemporalLoRA, sets: dict[str, torch.Tensor], lengths=LENGTHS) -> dict:
-    """Accuracy by prompt length (prefixes of the same test chunks), confusion, macro-F1, ECE."""
+def router_metrics(tl: TemporalLoRA, sets: dict[str, torch.Tensor], lengths=EVAL_LENGTHS, *,
+                   router: GatingNetwork | None = None, domains: list[str] | None = None) -> dict:
+    """Accuracy by prompt length (prefixes of the same test chunks), confusion, macro-F1, ECE.
+
+    By default of the bundle's router over its domains; `router` and `domains` measure another
+    gating network on the same base-model features (e.g. one over close, confusable domains).
+    """
+    router = router if router is not None else tl.router
+    domains = list(domains) if domains is not None else tl.domains
     block = min(len(c[0]) for c in sets.values())
     lengths = [n for n in lengths if n <= block]
     probs_by_len, labels = [], []
-    for label, domain in enumerate(tl.domains):
+    for label, domain in enumerate(domains):
         with tl.mixer.weights(None):
             feats = prefix_features(tl.model, tl.feature_spec, sets[domain], lengths)
         with torch.no_grad():
-            probs_by_len.append(torch.stack([tl.router(f) for f in feats]))
+            probs_by_len.append(torch.stack([router(f) for f in feats]))
         labels.append(torch.full((len(sets[domain]),), label))
     probs = torch.cat(probs_by_len, dim=1)  # [lengths, n, domains]
     y = torch.cat(labels)
-    k = len(tl.domains)
+    k = len(domains)
     confusions = {str(n): _confusion(y, probs[i].argmax(-1), k) for i, n in enumerate(lengths)}
     # accuracy is the confusion matrix's diagonal share
     by_length = {n: round(float(c.diagonal().sum()) / len(y), 4) for n, c in confusions.items()}
@@ -78,7 +87,7 @@ def router_metrics(tl: TemporalLoRA, sets: dict[str, torch.Tensor], lengths=LENG
         "ece": round(expected_calibration_error(full, y), 4),
         "abstain_threshold": threshold,
         "abstained_fraction": round(float((full.max(-1).values < threshold).float().mean()), 4),
-        "test_chunks": {d: len(sets[d]) for d in tl.domains},
+        "test_chunks": {d: len(sets[d]) for d in domains},
     }
 
 
@@ -111,7 +120,7 @@ def perplexities(tl: TemporalLoRA, sets: dict[str, torch.Tensor], progress: bool
     bar = tqdm(total=len(tl.domains) * 3, desc="perplexity", disable=not progress)
     for label, domain in enumerate(tl.domains):
         chunks = sets[domain]
-        n, tokens = len(chunks), chunks[:, 1:].numel()
+        n = len(chunks)
         probs = tl.route_probs(chunks.tolist())
         nll = {"base": tl.token_nll(chunks, torch.zeros(n, k))}
         bar.update(1)
@@ -128,7 +137,7 @@ def perplexities(tl: TemporalLoRA, sets: dict[str, torch.Tensor], progress: bool
         nll["soft"] = tl.token_nll(chunks, tl.mix_weights(probs, "soft"))
         bar.update(1)
         for strategy in STRATEGIES:
-            result[strategy][domain] = round(math.exp(float(nll[strategy].sum()) / tokens), 4)
+            result[strategy][domain] = perplexity(nll[strategy], chunks)
     bar.close()
     return result
 

@@ -75,8 +75,13 @@ class AdapterMixer:
 
         Per-token weights [batch, seq, n_adapters] are accepted too (the forward's `seq` must match):
         segment routing scores a text whose segments use different adapters in one forward.
+        Narrower weights are zero-padded on the right: the domains come first among the adapters,
+        so weights over the domains alone never touch the subdomain adapters after them.
         """
         if weights is not None:
+            missing = len(self.adapter_names) - weights.shape[-1]
+            if missing > 0:
+                weights = torch.cat([weights, weights.new_zeros(*weights.shape[:-1], missing)], dim=-1)
             if weights.dim() not in (2, 3) or weights.shape[-1] != len(self.adapter_names):
                 raise ValueError(f"weights must be [batch, {len(self.adapter_names)}], got {tuple(weights.shape)}")
             if not torch.any(weights != 0):
@@ -86,6 +91,25 @@ class AdapterMixer:
             yield
         finally:
             self._weights = previous
+
+    def stacked_bytes(self) -> int:
+        """Memory held by the stacked copies of every adapter's A and B matrices (all layers)."""
+        return sum(m._tlora_a.numel() * m._tlora_a.element_size() + m._tlora_b.numel() * m._tlora_b.element_size()
+                   for m in self.layers)
+
+    @contextmanager
+    def peft_native(self):
+        """PEFT's own LoRA path on (these hooks idle) within the block: PEFT's baselines, such as
+        its `adapter_names=` mixed batches, run on the very same weights."""
+        for m in self.layers:
+            m.enable_adapters(True)
+        previous, self._weights = self._weights, None
+        try:
+            yield
+        finally:
+            self._weights = previous
+            for m in self.layers:
+                m.enable_adapters(False)
 
     def remove(self) -> None:
         for handle in self._hooks:

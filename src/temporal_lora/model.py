@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from peft import PeftModel
 
-from temporal_lora import __version__
 from temporal_lora.adapters import save_peft_adapters
 from temporal_lora.backbone import context_length, decoder_layers, fingerprint, load_backbone
 from temporal_lora.bundle import (
@@ -25,23 +26,35 @@ from temporal_lora.bundle import (
 )
 from temporal_lora.config import RouterConfig
 from temporal_lora.errors import BaseModelMismatchError, BundleError, InputError
-from temporal_lora.mixing import AdapterMixer, one_hot
-from temporal_lora.router import GatingNetwork, pool_prefixes, token_features
+from temporal_lora.meta import __version__
+from temporal_lora.mixing import AdapterMixer
+from temporal_lora.routing.decisions import (
+    MODES,
+    RouteDecision,
+    check_mode,
+    decide,
+    forced_weights,
+    mix_weights,
+    named_row,
+    plan_routes,
+)
+from temporal_lora.routing.features import pool_prefixes, token_features
+from temporal_lora.routing.gating import GatingNetwork
+from temporal_lora.routing.hierarchy import Hierarchy, adapter_name, route_name
+from temporal_lora.storage import (
+    ROUTER_DIR,
+    SPLITS_FILE,
+    load_router,
+    read_hierarchy,
+    read_replay,
+    read_splits,
+    write_hierarchy,
+    write_router,
+    write_splits,
+)
+from temporal_lora.text import pad_batch, tokenize
 
-MODES = ("hard", "soft", "topk")
-
-
-@dataclass
-class RouteDecision:
-    """What the router decided for one input. `domain` is None when it abstained."""
-
-    domain: str | None
-    probs: dict[str, float]
-    confidence: float
-    abstained: bool
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+__all__ = ["MODES", "Generation", "RouteDecision", "TemporalLoRA"]
 
 
 @dataclass
@@ -77,9 +90,9 @@ class TemporalLoRA:
         self.info = info or {}  # training summaries, data splits, history: copied into the manifest
         self.mixer = AdapterMixer(peft_model, self.domains)
         # Router features per domain ({domain: {"train", "calib"}}), saved as router/replay.safetensors
-        # so that add-domain / remove-domain can refit the router without old raw text (replay.py).
+        # so that add-domain / remove-domain can refit the router without old raw text (routing/replay.py).
         self.replay: dict | None = None
-        self.hierarchy = None  # subdomains (hierarchy.py); None for a bundle without any
+        self.hierarchy: Hierarchy | None = None  # subdomains (routing/hierarchy.py); None for a bundle without any
         self.context_length = context_length(self.model, tokenizer)
 
     # ---------------------------------------------------------------- construction and disk
@@ -88,8 +101,6 @@ class TemporalLoRA:
                  router: GatingNetwork, router_config: RouterConfig, feature_spec: str,
                  info: dict | None = None, base_fingerprint: str | None = None) -> TemporalLoRA:
         """Load standard PEFT adapter folders onto `base_model` and wrap them with a router."""
-        from peft import PeftModel
-
         base_fingerprint = base_fingerprint or fingerprint(base_model)
         names = list(adapter_dirs)
         for name, folder in adapter_dirs.items():
@@ -118,33 +129,34 @@ class TemporalLoRA:
         domains = list(manifest["domains"])
         adapter_dirs = {d: safe_path(path, manifest["adapters"][d]["path"]) for d in domains}
         rinfo = manifest["router"]
-        router_config = RouterConfig(**rinfo["config"])
-        state = load_file(str(safe_path(path, rinfo["path"])))
-        router = GatingNetwork(rinfo["in_dim"], len(domains), router_config.hidden_dim)
-        try:
-            router.load_state_dict(state)
-        except RuntimeError as exc:
-            raise BundleError(f"router weights do not match the manifest: {exc}") from exc
+        router = load_router(path, rinfo, len(domains))
         info = {k: manifest[k] for k in ("history", "created", "train_config", "timing") if k in manifest}
         if manifest.get("data"):
-            try:
-                info["data"] = json.loads(safe_path(path, manifest["data"]).read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
-                raise BundleError(f"bundle data splits unreadable: {exc}") from exc
+            info["data"] = read_splits(path, manifest["data"])
         info["training"] = {d: manifest["adapters"][d].get("training", {}) for d in domains}
         info["router_training"] = rinfo.get("training", {})
         tl = cls.assemble(model, tokenizer, base_id=base_info["id"], adapter_dirs=adapter_dirs, router=router,
-                          router_config=router_config, feature_spec=rinfo["features"], info=info,
+                          router_config=RouterConfig(**rinfo["config"]), feature_spec=rinfo["features"], info=info,
                           base_fingerprint=found)
-        if rinfo.get("replay"):  # bundles written before the replay memory existed have none
-            from temporal_lora.replay import load_replay
-
-            tl.replay, _ = load_replay(safe_path(path, rinfo["replay"]))
+        replay = read_replay(path, rinfo, domains)  # bundles written before the replay memory have none
+        tl.replay = replay[0] if replay else None
         if manifest.get("subdomains"):  # bundles without subdomains load exactly as before
-            from temporal_lora.hierarchy import attach_subdomains
-
-            attach_subdomains(tl, path, manifest)
+            tl.attach_subdomains(path, read_hierarchy(path, manifest))
         return tl
+
+    def attach_subdomains(self, bundle: Path, hierarchy: Hierarchy) -> None:
+        """Load subdomain adapters onto this model; the mixer then holds domains first, subdomains after."""
+        for parent, sub in hierarchy.subs.items():
+            for child in sub.children:
+                folder = safe_path(bundle, hierarchy.entries[parent]["adapters"][child]["path"])
+                if not (folder / "adapter_model.safetensors").is_file():
+                    raise BundleError(f"subdomain adapter {route_name(parent, child)!r} has no "
+                                      "adapter_model.safetensors")
+                self.peft_model.load_adapter(str(folder), adapter_name=adapter_name(parent, child))
+        self.peft_model.eval()
+        self.mixer.remove()
+        self.mixer = AdapterMixer(self.peft_model, self.domains + hierarchy.adapter_names())
+        self.hierarchy = hierarchy
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the bundle atomically (temp dir + rename). Returns the path."""
@@ -152,19 +164,13 @@ class TemporalLoRA:
 
         def fill(tmp: Path) -> None:
             save_peft_adapters(self.peft_model, tmp / "adapters", selected_adapters=self.domains)
-            (tmp / "router").mkdir()
-            save_file({k: v.contiguous() for k, v in self.router.state_dict().items()},
-                      str(tmp / "router" / "router.safetensors"))
-            if self.replay:
-                from temporal_lora.replay import REPLAY_FILE, save_replay
-
-                lengths = self.info.get("router_training", {}).get("prefix_lengths") or self.router_config.train_lengths
-                save_replay(tmp / REPLAY_FILE, {d: self.replay[d] for d in self.domains}, lengths)
+            router_entry: dict = {}
+            lengths = self.info.get("router_training", {}).get("prefix_lengths") or self.router_config.train_lengths
+            write_router(tmp, ROUTER_DIR, router_entry, self.router, self.replay or None, self.domains, lengths)
             if self.info.get("data"):
-                (tmp / "data").mkdir()
-                (tmp / "data" / "splits.json").write_text(json.dumps(self.info["data"], indent=1))
-            subdomains = self.hierarchy.write(self, tmp) if self.hierarchy else None
-            manifest = self._manifest(tmp)
+                write_splits(tmp, SPLITS_FILE, self.info["data"])
+            subdomains = write_hierarchy(self.hierarchy, self.peft_model, tmp) if self.hierarchy else None
+            manifest = self._manifest(tmp, router_entry)
             if subdomains:
                 manifest["subdomains"] = subdomains
                 for folder in ("subadapters", "subrouters"):
@@ -174,7 +180,7 @@ class TemporalLoRA:
         write_atomic_dir(path, fill)
         return path
 
-    def _manifest(self, root: Path) -> dict:
+    def _manifest(self, root: Path, router_entry: dict) -> dict:
         adapters = {}
         for d in self.domains:
             folder = root / "adapters" / d
@@ -202,15 +208,15 @@ class TemporalLoRA:
             "domains": self.domains,
             "adapters": adapters,
             "router": {
-                "path": "router/router.safetensors",
+                "path": router_entry["path"],
                 "features": self.feature_spec,
-                "in_dim": int(self.router.feature_mean.shape[0]),
-                "temperature": float(self.router.temperature),
+                "in_dim": router_entry["in_dim"],
+                "temperature": router_entry["temperature"],
                 "config": asdict(self.router_config),
                 "training": self.info.get("router_training", {}),
-                "replay": "router/replay.safetensors" if self.replay else None,
+                "replay": router_entry["replay"],
             },
-            "data": "data/splits.json" if self.info.get("data") else None,
+            "data": SPLITS_FILE if self.info.get("data") else None,
             "train_config": self.info.get("train_config"),
             "timing": self.info.get("timing", {}),
             "history": self.info.get("history", []),
@@ -240,7 +246,7 @@ class TemporalLoRA:
         limit = self.router_config.max_tokens
         for start in range(0, len(ids), batch_size):
             batch = [seq[:limit] for seq in ids[start : start + batch_size]]
-            input_ids, mask = _pad(batch, self.tokenizer.pad_token_id, left=False)
+            input_ids, mask = pad_batch(batch, self.tokenizer.pad_token_id, left=False)
             with self.mixer.weights(None):
                 feats = token_features(self.model, self.feature_spec, input_ids, mask)
             out.append(pool_prefixes(feats, mask))
@@ -252,18 +258,7 @@ class TemporalLoRA:
         return self.router(self.route_features(ids, batch_size))
 
     def decisions(self, probs: torch.Tensor) -> list[RouteDecision]:
-        threshold = self.router_config.abstain_threshold
-        result = []
-        for row in probs:
-            conf, idx = float(row.max()), int(row.argmax())
-            abstained = conf < threshold
-            result.append(RouteDecision(
-                domain=None if abstained else self.domains[idx],
-                probs=self.named(row),
-                confidence=round(conf, 6),
-                abstained=abstained,
-            ))
-        return result
+        return decide(probs, self.domains, self.router_config.abstain_threshold)
 
     def route(self, texts: list[str]) -> list[RouteDecision]:
         """Route each text: domain (None if abstained), calibrated probabilities, confidence."""
@@ -271,31 +266,28 @@ class TemporalLoRA:
 
     def mix_weights(self, probs: torch.Tensor, mode: str, top_k: int = 2) -> torch.Tensor:
         """Adapter weights [n, n_domains] for a routing mode; abstained rows are all zero (base)."""
-        if mode not in MODES:
-            raise InputError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-        keep = probs.max(dim=1).values >= self.router_config.abstain_threshold
-        if mode == "hard":
-            w = one_hot(probs.argmax(dim=1).tolist(), len(self.domains))
-        elif mode == "soft":
-            w = probs.clone()
-        else:
-            k = max(1, min(top_k, len(self.domains)))
-            top = probs.topk(k, dim=1)
-            w = torch.zeros_like(probs).scatter(1, top.indices, top.values)
-            w = w / w.sum(dim=1, keepdim=True)
-        return w * keep.unsqueeze(1).to(w.dtype)
+        return mix_weights(probs, mode, top_k, self.router_config.abstain_threshold)
 
     def named(self, row: torch.Tensor) -> dict[str, float]:
-        """One row of per-domain values (probabilities, adapter weights) as {domain: value} for JSON."""
-        return {d: round(float(x), 6) for d, x in zip(self.domains, row, strict=True)}
+        """One row of per-adapter values (probabilities, weights) as {name: value} for JSON."""
+        return named_row(self.mixer.adapter_names[: len(row)], row)
 
     def domain_weights(self, domain: str | None, n: int) -> torch.Tensor:
-        """Weights that force one domain's adapter (or the base model for None/'base')."""
-        if domain is None or domain == "base":
-            return torch.zeros(n, len(self.domains))
-        if domain not in self.domains:
-            raise InputError(f"unknown domain {domain!r}; this bundle has {', '.join(self.domains)}")
-        return one_hot([self.domains.index(domain)] * n, len(self.domains))
+        """Weights that force one adapter ('domain' or 'domain/child'; None or 'base' for none)."""
+        return forced_weights(self.mixer.adapter_names, domain, n)
+
+    @contextmanager
+    def using_adapters(self, names: list[str]) -> Iterator[AdapterMixer]:
+        """Within the block, `self.mixer` mixes over `names`: any adapters loaded in the PEFT model
+        (baselines such as a multitask adapter too), weights indexed by position in `names`."""
+        original = self.mixer
+        original.remove()
+        self.mixer = AdapterMixer(self.peft_model, names)
+        try:
+            yield self.mixer
+        finally:
+            self.mixer.remove()
+            self.mixer = AdapterMixer(self.peft_model, original.adapter_names)
 
     # ---------------------------------------------------------------- generation and scoring
     @torch.no_grad()
@@ -307,8 +299,7 @@ class TemporalLoRA:
         With `chat=True` each prompt is a user message wrapped in the base model's chat template;
         the router still reads the bare message (the template's boilerplate carries no domain).
         """
-        if mode not in MODES:
-            raise InputError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+        check_mode(mode)
         if max_new_tokens < 1:
             raise InputError("max_new_tokens must be at least 1")
         if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
@@ -322,19 +313,14 @@ class TemporalLoRA:
             if len(seq) + max_new_tokens > self.context_length:
                 raise InputError(f"prompt {i} has {len(seq)} tokens; with {max_new_tokens} new tokens "
                                  f"that exceeds the context of {self.context_length}")
-        probs = self.route_probs(route_ids)
-        routes = self.decisions(probs)
-        weights = self.domain_weights(domain, len(ids)) if domain else self.mix_weights(probs, mode, top_k)
-        named = [self.named(w) for w in weights]
-        if self.hierarchy is not None and not domain and mode == "hard":  # subdomain adapters (hierarchy.py)
-            from temporal_lora.hierarchy import generation_weights
-
-            weights, named = generation_weights(self, route_ids, routes)
-        texts = self._generate_ids(ids, weights, max_new_tokens, do_sample, temperature, seed,
-                                   repetition_penalty=repetition_penalty)
+        plan = plan_routes(self, route_ids, mode=mode, top_k=top_k, domain=domain)
+        # A forced adapter still reports what the router would have chosen.
+        routes = plan.decisions if not domain else self.decisions(self.route_probs(route_ids))
+        texts = self.generate_ids(ids, plan.weights, max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                  seed=seed, repetition_penalty=repetition_penalty)
         return [
             Generation(prompt=p, text=t, mode=("forced" if domain else mode), route=r, weights=w)
-            for p, t, r, w in zip(prompts, texts, routes, named, strict=True)
+            for p, t, r, w in zip(prompts, texts, routes, plan.named, strict=True)
         ]
 
     def chat_prompt(self, message: str) -> str:
@@ -344,9 +330,11 @@ class TemporalLoRA:
         return self.tokenizer.apply_chat_template([{"role": "user", "content": message}],
                                                   add_generation_prompt=True, tokenize=False)
 
-    def _generate_ids(self, ids, weights, max_new_tokens, do_sample, temperature, seed,
-                      repetition_penalty: float = 1.0) -> list[str]:
-        input_ids, mask = _pad(ids, self.tokenizer.pad_token_id, left=True)
+    def generate_ids(self, ids: list[list[int]], weights: torch.Tensor, max_new_tokens: int, *,
+                     do_sample: bool = False, temperature: float = 1.0, seed: int = 0,
+                     repetition_penalty: float = 1.0) -> list[str]:
+        """transformers' `generate` on token ids with fixed adapter weights per row; the new text."""
+        input_ids, mask = pad_batch(ids, self.tokenizer.pad_token_id, left=True)
         torch.manual_seed(seed)
         # remove_invalid_values: extreme but valid settings (a penalty of 1e-300) overflow to inf.
         kwargs = {"do_sample": do_sample, "repetition_penalty": repetition_penalty, "remove_invalid_values": True}
@@ -362,7 +350,7 @@ class TemporalLoRA:
 
     @torch.no_grad()
     def token_nll(self, chunks: torch.Tensor, weights: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-        """Summed next-token NLL per chunk [n] under the given adapter weights ([n, n_domains])."""
+        """Summed next-token NLL per chunk [n] under the given adapter weights ([n, n_adapters])."""
         out = []
         for start in range(0, len(chunks), batch_size):
             x = chunks[start : start + batch_size]
@@ -371,31 +359,3 @@ class TemporalLoRA:
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
             out.append(nll.sum(dim=1))
         return torch.cat(out)
-
-
-def tokenize(tokenizer, text: str, what: str) -> list[int]:
-    """Token ids of `text` as training saw it (no special tokens); text the tokenizer cannot take
-    (lone surrogates, e.g. from invalid UTF-8 on a command line or in JSON) is a clear InputError."""
-    return encode_text(tokenizer, text, what)["input_ids"]
-
-
-def encode_text(tokenizer, text: str, what: str, **kwargs):
-    """The tokenizer's whole encoding of `text` (ids, and offsets if asked), errors as in `tokenize`."""
-    try:
-        return tokenizer(text, add_special_tokens=False, **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{what} is not valid Unicode text") from exc
-
-
-def _pad(seqs: list[list[int]], pad_id: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        if left:
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
-        else:
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-    return ids, mask

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,13 +14,14 @@ import torch
 from temporal_lora.adapters import RESERVED_NAMES, distributed_state, train_adapter
 from temporal_lora.backbone import decoder_layers, fingerprint, load_backbone
 from temporal_lora.bundle import MANIFEST
-from temporal_lora.config import TrainConfig, budget_config
-from temporal_lora.corpora import Document, load_domain
+from temporal_lora.config import TrainConfig, budget_config, router_prefix_lengths
+from temporal_lora.corpora import Document, load_domain, source_of
 from temporal_lora.data import Splits, chunk_documents, dedupe, split_documents
 from temporal_lora.errors import CorpusError, InputError
 from temporal_lora.model import TemporalLoRA
-from temporal_lora.replay import domain_features, fit_router
-from temporal_lora.router import GatingNetwork, resolve_feature_spec
+from temporal_lora.routing.features import resolve_feature_spec
+from temporal_lora.routing.gating import GatingNetwork, fit_router
+from temporal_lora.routing.replay import domain_features
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
@@ -66,7 +67,7 @@ def load_domain_data(name: str, data_paths: dict[str, Path], seed: int) -> Domai
     docs = load_domain(name, data_paths)
     unique = dedupe(docs)
     splits = split_documents(unique, seed=seed)
-    source = f"path:{Path(data_paths[name]).resolve()}" if name in data_paths else f"builtin:{name}"
+    source = source_of(name, data_paths.get(name))
     return DomainData(name, source, splits, len(docs) - len(unique))
 
 
@@ -84,7 +85,7 @@ def train_router(tl_model, tokenizer, spec: str, domain_chunks: dict[str, tuple[
     With `replay` (a dict), each domain's features are also put there: the bundle keeps them so
     that adding or removing a domain later refits the router without the old domains' raw text.
     """
-    lengths = [n for n in cfg.router.train_lengths if n <= cfg.block_size]
+    lengths = router_prefix_lengths(cfg.router, cfg.block_size)
     features = {name: domain_features(tl_model, spec, train_chunks, calib_chunks, lengths)
                 for name, (train_chunks, calib_chunks) in domain_chunks.items()}
     net, summary = fit_router(features, cfg.router, seed=cfg.seed)
@@ -117,10 +118,10 @@ def train_bundle(
             raise InputError(f"--data names domain {name!r} which is not in --domains")
     check_output_dir(out)
     cfg = config or budget_config(budget, seed)
-    if router_features:
-        cfg.router.features = router_features
-    if abstain_threshold is not None:
-        cfg.router.abstain_threshold = abstain_threshold
+    overrides = {k: v for k, v in (("features", router_features), ("abstain_threshold", abstain_threshold))
+                 if v is not None and v != ""}
+    if overrides:  # a copy: the caller's config stays as it was
+        cfg = replace(cfg, router=replace(cfg.router, **overrides))
     timing: dict[str, float] = {}
 
     t0 = time.perf_counter()

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from temporal_lora import __version__
 from temporal_lora.bundle import MANIFEST, read_manifest, safe_path, sha256_file, write_atomic_dir
 from temporal_lora.errors import BundleError, InputError
+from temporal_lora.meta import __version__
 
 STORE = "versions"
 

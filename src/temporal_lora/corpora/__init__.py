@@ -9,6 +9,8 @@ from temporal_lora.corpora.registry import (
     load_user_corpus,
     parse_data_spec,
     read_jsonl_texts,
+    source_of,
+    source_path,
 )
 
 __all__ = [
@@ -20,4 +22,6 @@ __all__ = [
     "load_user_corpus",
     "parse_data_spec",
     "read_jsonl_texts",
+    "source_of",
+    "source_path",
 ]

@@ -227,6 +227,16 @@ def parse_data_spec(spec: str) -> tuple[str, Path]:
     return name, Path(path.strip()).expanduser()
 
 
+def source_of(name: str, data_path: str | Path | None = None) -> str:
+    """How a bundle records where a domain's text came from: 'path:/abs/path' or 'builtin:NAME'."""
+    return f"path:{Path(data_path).resolve()}" if data_path is not None else f"builtin:{name}"
+
+
+def source_path(source: str) -> Path | None:
+    """The user corpus path of a recorded source, or None for a built-in corpus."""
+    return Path(source.removeprefix("path:")) if source.startswith("path:") else None
+
+
 def load_domain(name: str, data_paths: Mapping[str, Path], progress: bool = True) -> list[Document]:
     """The user's corpus for `name` when a path was given for it, else the built-in corpus."""
     if name in data_paths:

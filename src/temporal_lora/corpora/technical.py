@@ -25,7 +25,7 @@ def extract(progress: bool = True) -> list[Document]:
             rel = _docs_page(member)
             if rel is not None:
                 pages[rel] = tar.extractfile(member).read().decode("utf-8", errors="replace")
-    keep = _without_most_release_notes(sorted(pages))
+    keep = without_most_release_notes(sorted(pages))
     docs = []
     for rel in keep:
         text = pages[rel].strip()
@@ -50,7 +50,7 @@ def _docs_page(member: tarfile.TarInfo) -> PurePosixPath | None:
     return rel
 
 
-def _without_most_release_notes(pages: list[PurePosixPath]) -> list[PurePosixPath]:
+def without_most_release_notes(pages: list[PurePosixPath]) -> list[PurePosixPath]:
     """All non-release pages plus the newest MAX_RELEASE_NOTES feature-release notes (x.y.txt)."""
     releases = []
     others = []

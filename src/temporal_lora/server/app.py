@@ -9,34 +9,50 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from importlib import resources
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from temporal_lora import __version__
 from temporal_lora.errors import TemporalLoRAError
+from temporal_lora.meta import __version__
 from temporal_lora.model import TemporalLoRA
 from temporal_lora.server.forward import BackendError
-from temporal_lora.server.schemas import ChatRequest, CompletionRequest, RouteRequest
+from temporal_lora.server.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    LoadAdapterRequest,
+    RouteRequest,
+    UnloadAdapterRequest,
+)
 from temporal_lora.server.service import ServerSettings, Service
 from temporal_lora.server.transport import APIError, BodyGuard
 
 __all__ = ["APIError", "ServerSettings", "create_app"]
 
 
-def create_app(tl: TemporalLoRA, settings: ServerSettings | None = None) -> FastAPI:
-    """Build the FastAPI app around a loaded bundle. The engine thread starts here."""
+def create_app(tl: TemporalLoRA, settings: ServerSettings | None = None, *, bundle: str | Path | None = None,
+               loader: Callable[[Path], TemporalLoRA] | None = None) -> FastAPI:
+    """Build the FastAPI app around a loaded bundle. The engine thread starts here.
+
+    With `bundle` (the directory `tl` was loaded from) the server follows the bundle's versions:
+    it polls manifest.json every `settings.reload_poll_s` seconds and reloads on POST /admin/reload;
+    `loader(bundle)` loads a version (default `TemporalLoRA.from_pretrained`)."""
     settings = settings or ServerSettings()
     if settings.routing_mode not in ("hard", "soft", "topk"):
         raise TemporalLoRAError(f"unknown routing mode {settings.routing_mode!r}")
-    service = Service(tl, settings)
+    if settings.backend_lora_updates not in ("vllm", "off"):
+        raise TemporalLoRAError(f"unknown backend adapter updates {settings.backend_lora_updates!r}")
+    service = Service(tl, settings, bundle=bundle, loader=loader)
 
     @asynccontextmanager
     async def lifespan(_app):
+        await service.start()
         yield
         await service.close()
 
@@ -93,8 +109,10 @@ def create_app(tl: TemporalLoRA, settings: ServerSettings | None = None) -> Fast
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "domains": tl.domains, "base_model": tl.base_id,
-                "backend": settings.backend_url or "local", "in_flight": service.in_flight}
+        unit = service.live.unit
+        return {"status": "ok", "domains": unit.tl.domains, "base_model": unit.tl.base_id,
+                "backend": settings.backend_url or "local", "in_flight": service.in_flight,
+                "bundle_version": unit.version}
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
@@ -105,6 +123,23 @@ def create_app(tl: TemporalLoRA, settings: ServerSettings | None = None) -> Fast
         created = int(time.time())
         return {"object": "list", "data": [{"id": m, "object": "model", "created": created,
                                             "owned_by": "temporal-lora"} for m in service.model_ids]}
+
+    @app.get("/v1/bundle", dependencies=[Depends(authorize)])
+    async def bundle_info() -> dict:
+        return service.bundle_info()
+
+    @app.post("/admin/reload", dependencies=[Depends(authorize)])
+    async def reload(force: bool = False) -> dict:
+        return await service.reload(force=force)
+
+    if settings.runtime_lora_updates:  # vLLM's runtime adapter endpoints (its VLLM_ALLOW_RUNTIME_LORA_UPDATING)
+        @app.post("/v1/load_lora_adapter", dependencies=[Depends(authorize)])
+        async def load_lora_adapter(req: LoadAdapterRequest) -> PlainTextResponse:
+            return PlainTextResponse(await service.load_adapter(req.lora_name, req.lora_path))
+
+        @app.post("/v1/unload_lora_adapter", dependencies=[Depends(authorize)])
+        async def unload_lora_adapter(req: UnloadAdapterRequest) -> PlainTextResponse:
+            return PlainTextResponse(await service.unload_adapter(req.lora_name))
 
     @app.post("/v1/route", dependencies=[Depends(authorize)])
     async def route(req: RouteRequest) -> JSONResponse:

@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from temporal_lora.model import RouteDecision, TemporalLoRA, _pad
+from temporal_lora.model import RouteDecision, TemporalLoRA
+from temporal_lora.routing.decisions import plan_routes, route_texts
+from temporal_lora.routing.segments import SegmentConfig
+from temporal_lora.text import pad_batch
 
 
 @dataclass
@@ -59,7 +62,7 @@ class Engine:
     """Owns the model. One worker thread takes queued jobs in batches of up to `max_batch`."""
 
     def __init__(self, tl: TemporalLoRA, *, max_batch: int = 8, batch_wait_s: float = 0.01,
-                 on_batch: Callable[[int], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None, name: str = "tlora-engine"):
         self.tl = tl
         self.on_batch = on_batch  # told the batch size at every decoding step (metrics)
         self.max_batch = max_batch
@@ -67,7 +70,7 @@ class Engine:
         self.eos_ids = _eos_ids(tl)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()  # the model (and its mixer state) serves one caller at a time
-        self._thread = threading.Thread(target=self._work, name="tlora-engine", daemon=True)
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
@@ -82,20 +85,10 @@ class Engine:
         with self._lock:
             return self.tl.route(texts)
 
-    def route_subdomains(self, texts: list[str]) -> list[dict]:
-        """Two-level routes (domain, then subdomain or the parent after a fallback) for /v1/route."""
-        from temporal_lora.hierarchy import route_hierarchical
-
+    def route_texts(self, texts: list[str], segments: SegmentConfig | None = None) -> list[dict]:
+        """What /v1/route answers (routing/decisions.py: the same as `tlora route`)."""
         with self._lock:
-            return route_hierarchical(self.tl, texts)
-
-    def route_segments(self, texts: list[str], spec: str) -> list[list]:
-        """Segment-by-segment routes with hysteresis (segments.py), one list of segments per text."""
-        from temporal_lora.segments import SegmentConfig, SegmentRouter
-
-        router = SegmentRouter(self.tl, SegmentConfig.parse(spec))
-        with self._lock:
-            return [router.route(text) for text in texts]
+            return route_texts(self.tl, texts, segments=segments)
 
     # ------------------------------------------------------------------ worker
     def _take(self, jobs: list[Job], limit: int, wait_s: float) -> tuple[list[Job], bool]:
@@ -157,7 +150,7 @@ class Engine:
     def _prefill(self, jobs: list[Job]) -> _Batch:
         tl = self.tl
         weights = self._weights(jobs)
-        input_ids, mask = _pad([j.prompt_ids for j in jobs], tl.tokenizer.pad_token_id, left=True)
+        input_ids, mask = pad_batch([j.prompt_ids for j in jobs], tl.tokenizer.pad_token_id, left=True)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with tl.mixer.weights(weights):
             out = tl.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
@@ -184,19 +177,20 @@ class Engine:
         return batch
 
     def _weights(self, batch: list[Job]) -> torch.Tensor:
-        tl = self.tl
+        """Each job's adapter weights, decided exactly as library `generate` decides them
+        (routing/decisions.py `plan_routes`: subdomains included); jobs with the same settings
+        are routed together."""
         rows: list[torch.Tensor] = [None] * len(batch)  # type: ignore[list-item]
-        routed = [i for i, j in enumerate(batch) if j.route.domain is None]
-        if routed:
-            probs = tl.route_probs([batch[i].route.route_ids for i in routed])
-            for i, p, decision in zip(routed, probs, tl.decisions(probs), strict=True):
-                r = batch[i].route
-                rows[i] = tl.mix_weights(p.unsqueeze(0), r.mode, r.top_k)[0]
-                batch[i].emit("route", decision, tl.named(rows[i]))
-        for i, j in enumerate(batch):
-            if j.route.domain is not None:
-                rows[i] = tl.domain_weights(j.route.domain, 1)[0]
-                j.emit("route", None, tl.named(rows[i]))
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(batch):
+            r = job.route
+            groups.setdefault((r.domain, r.mode, r.top_k), []).append(i)
+        for (domain, mode, top_k), members in groups.items():
+            ids = [batch[i].route.route_ids or [] for i in members]
+            plan = plan_routes(self.tl, ids, mode=mode, top_k=top_k, domain=domain)
+            for row, i in enumerate(members):
+                rows[i] = plan.weights[row]
+                batch[i].emit("route", plan.decisions[row], plan.named[row])
         return torch.stack(rows)
 
 

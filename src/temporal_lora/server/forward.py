@@ -35,6 +35,15 @@ class Backend:
             raise BackendError(resp.status_code, _message(resp.content, resp.status_code))
         return resp.json()
 
+    async def post(self, path: str, payload: dict) -> None:
+        """A control call (e.g. vLLM's /v1/load_lora_adapter, which answers plain text); raises unless 200."""
+        try:
+            resp = await self.client.post(path, json=payload)
+        except httpx.HTTPError as exc:
+            raise BackendError(502, f"backend {self.url} unreachable: {exc}") from exc
+        if resp.status_code != 200:
+            raise BackendError(resp.status_code, _message(resp.content, resp.status_code))
+
     async def stream(self, path: str, payload: dict) -> EventLines:
         """Open the stream, raising on a non-200 answer; iterate the result for each event's data."""
         request = self.client.build_request("POST", path, json=payload)
@@ -65,7 +74,9 @@ class EventLines:
 
 
 def _message(body: bytes, status: int) -> str:
+    """The error message of an OpenAI-style ({"error": {"message"}}) or vLLM-style ({"message"}) body."""
     try:
-        return json.loads(body)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
+        data = json.loads(body)
+        return data["error"]["message"] if isinstance(data.get("error"), dict) else str(data["message"])
+    except (ValueError, KeyError, TypeError, AttributeError):
         return f"backend answered HTTP {status}"

@@ -28,6 +28,13 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.shed = Counter("tlora_requests_shed", "requests refused because the server was at its limit",
                             registry=r)
+        self.reloads = Counter("tlora_reloads", "bundle versions swapped in without a restart", registry=r)
+        self.reload_failures = Counter("tlora_reload_failures", "new bundle versions refused (the old one kept serving)",
+                                       registry=r)
+        self.versions_alive = Gauge("tlora_bundle_versions_alive",
+                                    "bundle versions loaded: the live one plus old ones still finishing requests",
+                                    registry=r)
+        self.bundle_version = Gauge("tlora_bundle_version", "the bundle version new requests start on", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

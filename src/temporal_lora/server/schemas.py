@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 RoutingMode = Literal["hard", "soft", "topk"]
 
 
-class _Common(BaseModel):
+class SamplingFields(BaseModel):
     # OpenAI clients send fields we do not use (user, logit_bias, ...): accept and ignore them.
     model_config = ConfigDict(extra="ignore")
 
@@ -34,7 +34,7 @@ class _Common(BaseModel):
         return [s for s in stops if s]
 
 
-class CompletionRequest(_Common):
+class CompletionRequest(SamplingFields):
     prompt: str | list[str] = Field(description="one prompt, or several (one choice set each)")
     echo: bool = False
     logprobs: int | None = None
@@ -57,7 +57,7 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ChatRequest(_Common):
+class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
@@ -67,3 +67,18 @@ class RouteRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     input: str | list[str] = Field(description="text(s) to route")
     segments: str | None = Field(default=None, description="route segment by segment: sentence, paragraph or tokens:K")
+
+
+class LoadAdapterRequest(BaseModel):
+    """vLLM's POST /v1/load_lora_adapter body."""
+
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str = Field(description="the name requests use as their model")
+    lora_path: str = Field(description="a PEFT adapter folder this server can read")
+
+
+class UnloadAdapterRequest(BaseModel):
+    """vLLM's POST /v1/unload_lora_adapter body."""
+
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str

@@ -8,7 +8,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from temporal_lora.server.metrics import Metrics
 
-KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/route"}
+KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/route",
+               "/v1/bundle", "/admin/reload", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
 
 
 class APIError(Exception):

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent))  # tests/, for `support`
 
 from temporal_lora import bundle as bundle_module  # noqa: E402
 
@@ -59,7 +59,7 @@ def main() -> None:
         crash_at(args["step"], args["src"], args["target"])
         _say("done 0")
         return
-    from conftest import tiny_config
+    from support.tiny import tiny_config
 
     config = tiny_config(seed=args.get("seed", 0))
     if op == "train":

@@ -15,9 +15,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from temporal_lora.config import RouterConfig
 from temporal_lora.errors import BundleError
-from temporal_lora.router import GatingNetwork, prefix_features, train_gating
+from temporal_lora.routing.features import prefix_features
+from temporal_lora.routing.gating import GatingNetwork
 
 REPLAY_FILE = "router/replay.safetensors"
 
@@ -27,32 +27,6 @@ def domain_features(model, spec: str, train_chunks: torch.Tensor, calib_chunks: 
     """Router features of one domain: {"train": [L, n, dim], "calib": [L, m, dim]} over prefix lengths."""
     return {"train": prefix_features(model, spec, train_chunks, lengths),
             "calib": prefix_features(model, spec, calib_chunks, lengths)}
-
-
-def fit_router(features: dict[str, dict[str, torch.Tensor]], router_cfg: RouterConfig,
-               seed: int = 0) -> tuple[GatingNetwork, dict]:
-    """Train the gating network on every domain's features (label = position in `features`)."""
-    feats, labels, cfeats, clabels = [], [], [], []
-    for label, f in enumerate(features.values()):
-        x = f["train"].float().flatten(0, 1)
-        c = f["calib"].float().flatten(0, 1)
-        feats.append(x)
-        cfeats.append(c)
-        labels.append(torch.full((len(x),), label))
-        clabels.append(torch.full((len(c),), label))
-    x, y = torch.cat(feats), torch.cat(labels)
-    net = GatingNetwork(x.shape[1], len(features), router_cfg.hidden_dim)
-    result = train_gating(net, x, y, torch.cat(cfeats), torch.cat(clabels), router_cfg, seed=seed)
-    summary = {
-        "examples": len(x),
-        "calibration_examples": int(sum(len(c) for c in cfeats)),
-        "train_accuracy": round(result.train_accuracy, 4),
-        "calibration_accuracy": round(result.calib_accuracy, 4),
-        "temperature": round(result.temperature, 4),
-        "calibration_nll_before": round(result.nll_before, 4),
-        "calibration_nll_after": round(result.nll_after, 4),
-    }
-    return net.eval(), summary
 
 
 def save_replay(path: Path, features: dict[str, dict[str, torch.Tensor]], lengths: list[int]) -> None:

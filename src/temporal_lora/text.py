@@ -1,0 +1,37 @@
+"""Turning text into token ids the way training saw it, and padding batches of ids."""
+
+from __future__ import annotations
+
+import torch
+
+from temporal_lora.errors import InputError
+
+
+def tokenize(tokenizer, text: str, what: str) -> list[int]:
+    """Token ids of `text` as training saw it (no special tokens); text the tokenizer cannot take
+    (lone surrogates, e.g. from invalid UTF-8 on a command line or in JSON) is a clear InputError."""
+    return encode_text(tokenizer, text, what)["input_ids"]
+
+
+def encode_text(tokenizer, text: str, what: str, **kwargs):
+    """The tokenizer's whole encoding of `text` (ids, and offsets if asked), errors as in `tokenize`."""
+    try:
+        return tokenizer(text, add_special_tokens=False, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{what} is not valid Unicode text") from exc
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids [n, width] and attention mask of sequences padded to the longest. Generation pads on the
+    left (every row's next token is at the end); router features on the right (positions kept)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        if left:
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+        else:
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+    return ids, mask
