@@ -10,7 +10,7 @@ import torch
 
 from temporal_lora.cache import atomic_write_text
 from temporal_lora.config import EVAL_LENGTHS
-from temporal_lora.corpora import load_domain, source_path
+from temporal_lora.corpora import load_domain, source_paths
 from temporal_lora.data import chunk_documents
 from temporal_lora.errors import BundleError, CorpusError
 from temporal_lora.mixing import one_hot
@@ -31,8 +31,7 @@ def held_out_chunks(tl: TemporalLoRA, n: int, *, block_size: int = 128, seed: in
         if not info:
             raise BundleError(f"bundle has no recorded test split for domain {domain!r}")
         source = info["source"]
-        path = source_path(source)
-        paths = {domain: path} if path else {}
+        paths = source_paths(domain, source)
         wanted = set(info["test_ids"])
         docs = [d for d in load_domain(domain, paths) if d.id in wanted]
         if not docs:

@@ -27,6 +27,7 @@ from temporal_lora.bench.routing import (
 from temporal_lora.bench.speed import measure_lora_layers, measure_memory, measure_speed, prompts
 from temporal_lora.bundle import read_manifest
 from temporal_lora.config import TrainConfig
+from temporal_lora.corpora import source_paths
 from temporal_lora.evaluate import held_out_chunks, router_metrics
 from temporal_lora.model import TemporalLoRA
 from temporal_lora.scoring import perplexity, plain_nll
@@ -70,8 +71,7 @@ def run_bench(out: str | Path, *, bundle: str | Path | None = None, base: str | 
 
     # The same training chunks the bundle's adapters were trained on (deterministic splits).
     def paths_of(d):
-        src = tl.info["data"][d]["source"]
-        return {d: Path(src.removeprefix("path:"))} if src.startswith("path:") else {}
+        return source_paths(d, tl.info["data"][d]["source"])
 
     # Loaded only when a phase that needs them runs (a resumed run may need none).
     @functools.cache

@@ -17,6 +17,7 @@ from temporal_lora.backbone import load_backbone
 from temporal_lora.bench.common import ScalingBudget
 from temporal_lora.cache import atomic_write_text
 from temporal_lora.config import EVAL_LENGTHS, TrainConfig, router_prefix_lengths
+from temporal_lora.corpora import source_of
 from temporal_lora.evolve import add_domain
 from temporal_lora.model import TemporalLoRA
 from temporal_lora.routing.gating import GatingNetwork, fit_router, load_gating, save_gating
@@ -174,7 +175,7 @@ def add_domain_without_old_data(corpora, names: list[str], adapters, features, w
         path = corpus_dir / f"{d}.jsonl"
         atomic_write_text(path, "".join(json.dumps(asdict(doc), ensure_ascii=False) + "\n" for doc in corpora[d]))
         if d in old:
-            splits[d] = {"source": f"path:{path.resolve()}", "documents": len(corpora[d])}
+            splits[d] = {"source": source_of(d, path), "documents": len(corpora[d])}
     replay = {d: {"train": features[d]["train"], "calib": features[d]["calib"]} for d in old}
     router, summary = fit_router(replay, cfg.router, seed=cfg.seed)
     model, tokenizer, base_id = load_backbone(base)

@@ -10,7 +10,7 @@ from temporal_lora.corpora.registry import (
     parse_data_spec,
     read_jsonl_texts,
     source_of,
-    source_path,
+    source_paths,
 )
 
 __all__ = [
@@ -23,5 +23,5 @@ __all__ = [
     "parse_data_spec",
     "read_jsonl_texts",
     "source_of",
-    "source_path",
+    "source_paths",
 ]

@@ -232,9 +232,10 @@ def source_of(name: str, data_path: str | Path | None = None) -> str:
     return f"path:{Path(data_path).resolve()}" if data_path is not None else f"builtin:{name}"
 
 
-def source_path(source: str) -> Path | None:
-    """The user corpus path of a recorded source, or None for a built-in corpus."""
-    return Path(source.removeprefix("path:")) if source.startswith("path:") else None
+def source_paths(name: str, source: str) -> dict[str, Path]:
+    """The `data_paths` that load `name` from its recorded source again: {name: path} for a user
+    corpus, {} for a built-in one (what `load_domain` and `load_domain_data` take)."""
+    return {name: Path(source.removeprefix("path:"))} if source.startswith("path:") else {}
 
 
 def load_domain(name: str, data_paths: Mapping[str, Path], progress: bool = True) -> list[Document]:

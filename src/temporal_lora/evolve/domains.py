@@ -18,7 +18,7 @@ from pathlib import Path
 
 from temporal_lora.bundle import read_manifest
 from temporal_lora.config import RouterConfig, TrainConfig, router_prefix_lengths
-from temporal_lora.corpora import source_path
+from temporal_lora.corpora import source_paths
 from temporal_lora.errors import BundleError, CorpusError, InputError
 from temporal_lora.evolve.common import Addition, bundle_train_config, load_base_for
 from temporal_lora.routing.gating import GatingNetwork, fit_router
@@ -176,8 +176,7 @@ def _replay(bundle: Path, manifest: dict, model, tokenizer, cfg: TrainConfig, ba
         info = splits.get(domain)
         if not info:
             raise BundleError(f"cannot rebuild the replay memory: no recorded split for {domain!r}")
-        path = source_path(info["source"])
-        dd = load_domain_data(domain, {domain: path} if path else {}, cfg.seed)
+        dd = load_domain_data(domain, source_paths(domain, info["source"]), cfg.seed)
         if sorted(d.id for d in dd.splits.val) != sorted(info["val_ids"]):
             raise CorpusError(f"cannot rebuild the replay memory: the corpus of {domain!r} changed since training")
         train = chunks_tensor(dd.splits.train, tokenizer, cfg, cfg.router_chunks, cfg.seed + 1, domain)

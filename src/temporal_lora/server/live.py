@@ -80,17 +80,21 @@ def manifest_version(manifest: dict) -> int:
     return current_version(manifest) if manifest.get("domains") is not None else 1
 
 
-def peek(bundle: Path) -> tuple[str, dict] | None:
-    """(digest, parsed manifest) of the bundle's manifest.json now; None while it is unreadable
-    (e.g. in the instant between the two renames of a commit)."""
+def peek(bundle: Path) -> tuple[str, dict, tuple] | None:
+    """(digest, parsed manifest, stamp) of the bundle's manifest.json now; None while it is
+    unreadable (e.g. in the instant between the two renames of a commit). The stamp (inode,
+    mtime) tells a re-committed copy of a manifest from the one a refusal was about."""
     try:
-        raw = (bundle / MANIFEST).read_bytes()
+        path = bundle / MANIFEST
+        stat = path.stat()
+        raw = path.read_bytes()
         manifest = json.loads(raw)
     except (OSError, ValueError):
         return None
     if not isinstance(manifest, dict):
         return None
-    return "sha256:" + hashlib.sha256(raw).hexdigest(), manifest
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    return digest, manifest, (digest, stat.st_ino, stat.st_mtime_ns)
 
 
 def attach_runtime_adapters(tl: TemporalLoRA, extras: dict[str, str]) -> None:
@@ -133,10 +137,10 @@ class Live:
         digest, manifest = None, {"history": tl.info.get("history") or []}
         seen = peek(self.bundle) if self.bundle else None
         if seen and manifest_version(seen[1]) == version:
-            digest, manifest = seen
+            digest, manifest = seen[:2]
         self.unit = self._start(tl, version, manifest, digest, {})
         self.units = [self.unit]
-        self.refused: str | None = None  # digest of the last manifest refused (the watcher skips it)
+        self.refused: tuple | None = None  # stamp of the last manifest refused (the watcher skips it)
         self.last_error: dict | None = None
         self._lock = asyncio.Lock()  # one reload at a time
         self._tasks: set[asyncio.Task] = set()
@@ -196,10 +200,10 @@ class Live:
             if not force and seen and seen[0] == old.digest and extras == old.extras:
                 return self.status(reloaded=False)
             try:
-                tl, digest, manifest = await asyncio.to_thread(self._load, extras)
+                tl, digest, manifest, stamp = await asyncio.to_thread(self._load, extras)
                 unit = self._start(tl, manifest_version(manifest), manifest, digest, extras)
             except Exception as exc:  # noqa: BLE001 - any failure refuses the version
-                self._refuse(seen[0] if seen else None, exc, reason)
+                self._refuse(seen[2] if seen else None, exc, reason)
                 raise ReloadError(self.last_error["message"]) from exc
             if self.prepare is not None:
                 try:
@@ -208,7 +212,7 @@ class Live:
                     unit.retired = True
                     self.units.append(unit)
                     self._maybe_free(unit)
-                    self._refuse(digest, exc, reason)
+                    self._refuse(stamp, exc, reason)
                     raise ReloadError(self.last_error["message"]) from exc
             # The swap: everything above ran beside the live unit; this runs between two awaits
             # of the event loop, so a request is admitted either wholly before it or wholly after.
@@ -224,7 +228,7 @@ class Live:
             self._maybe_free(old)
             return self.status(reloaded=True, previous=old.version)
 
-    def _load(self, extras: dict[str, str]) -> tuple[TemporalLoRA, str, dict]:
+    def _load(self, extras: dict[str, str]) -> tuple[TemporalLoRA, str, dict, tuple]:
         """Load the committed version; load again if another version was committed meanwhile."""
         for _ in range(LOAD_ATTEMPTS):
             before = peek(self.bundle)
@@ -233,12 +237,12 @@ class Live:
             tl = self.loader(self.bundle)
             attach_runtime_adapters(tl, extras)
             if peek(self.bundle) == before:
-                return tl, before[0], before[1]
+                return (tl, *before)
             del tl
         raise BundleError(f"bundle {self.bundle} kept changing while it was being loaded")
 
-    def _refuse(self, digest: str | None, exc: Exception, reason: str) -> None:
-        self.refused = digest
+    def _refuse(self, stamp: tuple | None, exc: Exception, reason: str) -> None:
+        self.refused = stamp
         message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, BundleError) else str(exc)
         self.last_error = {"message": f"new bundle version refused ({message}); still serving version "
                                       f"{self.unit.version}", "reason": reason}
@@ -255,7 +259,7 @@ class Live:
             await asyncio.sleep(interval)
             try:
                 seen = await asyncio.to_thread(peek, self.bundle)
-                if seen is None or seen[0] in (self.unit.digest, self.refused):
+                if seen is None or seen[0] == self.unit.digest or seen[2] == self.refused:
                     continue
                 await self.reload(reason="poll")
             except ReloadError:
