@@ -27,22 +27,18 @@ class Backend:
         await self.client.aclose()
 
     async def complete(self, path: str, payload: dict) -> dict:
-        try:
-            resp = await self.client.post(path, json=payload)
-        except httpx.HTTPError as exc:
-            raise BackendError(502, f"backend {self.url} unreachable: {exc}") from exc
-        if resp.status_code != 200:
-            raise BackendError(resp.status_code, _message(resp.content, resp.status_code))
-        return resp.json()
+        return (await self.post(path, payload)).json()
 
-    async def post(self, path: str, payload: dict) -> None:
-        """A control call (e.g. vLLM's /v1/load_lora_adapter, which answers plain text); raises unless 200."""
+    async def post(self, path: str, payload: dict) -> httpx.Response:
+        """POST and return the 200 answer (control calls such as vLLM's /v1/load_lora_adapter answer
+        plain text); anything else raises BackendError."""
         try:
             resp = await self.client.post(path, json=payload)
         except httpx.HTTPError as exc:
             raise BackendError(502, f"backend {self.url} unreachable: {exc}") from exc
         if resp.status_code != 200:
             raise BackendError(resp.status_code, _message(resp.content, resp.status_code))
+        return resp
 
     async def stream(self, path: str, payload: dict) -> EventLines:
         """Open the stream, raising on a non-200 answer; iterate the result for each event's data."""
