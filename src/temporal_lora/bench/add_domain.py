@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from temporal_lora.backbone import load_backbone
+from temporal_lora.bench.common import pyplot
 from temporal_lora.bundle import read_manifest
 from temporal_lora.corpora import load_domain
 from temporal_lora.data import chunk_documents
@@ -190,10 +191,7 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     steps = result["steps"]
     ns = [s["n_after"] for s in steps]

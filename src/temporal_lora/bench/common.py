@@ -132,3 +132,20 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, log=None) ->
         if log:
             log(f"[bench]   repeat {i + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (imported on first use: plots are optional)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_results(out: Path, stem: str, report: dict, markdown: str) -> None:
+    """`<stem>.json` and `<stem>.md` under `out`, each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"{stem}.json", json.dumps(report, indent=2))
+    atomic_write_text(out / f"{stem}.md", markdown)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from temporal_lora.bench.common import pyplot
 from temporal_lora.bundle import read_manifest
 from temporal_lora.config import budget_config
 from temporal_lora.corpora.subdomains import load_builtin_subdomain
@@ -203,10 +204,7 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(result["children"])
     keys = [("parent", "parent adapter"), ("right_child", "right subdomain"), ("wrong_child_mean", "wrong subdomain"),

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
-from temporal_lora.bench.common import GOALS, BenchBudget, hardware
-from temporal_lora.cache import atomic_write_text
+from temporal_lora.bench.common import GOALS, BenchBudget, hardware, pyplot, write_results
 
 STRATEGY_LABELS = {
     "base": "base model", "oracle": "oracle adapter", "hard": "Temporal LoRA, hard", "soft": "Temporal LoRA, soft",
@@ -142,17 +140,12 @@ def markdown(report: dict) -> str:
 
 
 def write_bench(report: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "bench.json", json.dumps(report, indent=2))
-    atomic_write_text(out / "bench.md", markdown(report))
+    write_results(out, "bench", report, markdown(report))
     plot_bench(report, out)
 
 
 def plot_bench(report: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     domains = report["domains"]
     f = report["forgetting"]

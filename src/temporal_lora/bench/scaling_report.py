@@ -8,8 +8,7 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
-from temporal_lora.bench.common import ScalingBudget
-from temporal_lora.cache import atomic_write_text
+from temporal_lora.bench.common import ScalingBudget, pyplot, write_results
 from temporal_lora.config import TrainConfig
 from temporal_lora.corpora.subdomains import DESCRIPTIONS
 
@@ -173,17 +172,12 @@ def markdown(r: dict) -> str:
 
 
 def write_scaling(report: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "scaling.json", json.dumps(report, indent=2))
-    atomic_write_text(out / "scaling.md", markdown(report))
+    write_results(out, "scaling", report, markdown(report))
     plot_scaling(report, out)
 
 
 def plot_scaling(r: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = r["rows"]
     ns = [row["n"] for row in rows]

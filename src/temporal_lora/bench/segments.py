@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from temporal_lora.bench.common import pyplot
 from temporal_lora.corpora import load_domain
 from temporal_lora.model import TemporalLoRA
 from temporal_lora.routing.features import pool_prefixes, token_features
@@ -371,10 +372,7 @@ def markdown(r: dict) -> str:
 
 
 def plot_weights(tl, streams: dict, cfg: SegmentConfig, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     router = SegmentRouter(tl, cfg)
     examples = [streams["A->B->A"][1], streams["A->mix->A"][0], streams["single"][0]]
