@@ -177,7 +177,7 @@ def test_limits_and_bad_input_get_openai_errors(server, client, texts):
 
 def test_concurrency_limit_sheds_with_429_and_keeps_serving(tl, texts):
     app = create_app(tl, ServerSettings(max_concurrency=2, default_max_tokens=4))
-    engine = app.state.engine
+    engine = app.state.service.engine
     with running(app) as url:
         body = {"model": "code", "prompt": texts["code"], "max_tokens": 4, "temperature": 0}
         with cf.ThreadPoolExecutor(2) as pool:

@@ -62,7 +62,7 @@ def call(url: str, body: dict, *, stall: tuple[threading.Event, threading.Event]
 
 def test_bursts_slow_readers_and_hang_ups(tl, bodies):
     app = create_app(tl, ServerSettings(max_concurrency=LIMIT, max_new_tokens=16, max_batch=8))
-    engine = app.state.engine
+    engine = app.state.service.engine
     with running(app) as url:
         refs = [call(url, b) for b in bodies]
         assert all(status == 200 for status, _, _ in refs)

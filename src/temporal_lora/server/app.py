@@ -59,7 +59,7 @@ def create_app(tl: TemporalLoRA, settings: ServerSettings | None = None, *, bund
     app = FastAPI(title="Temporal LoRA", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API with automatic per-request routing to domain LoRA adapters.")
     app.add_middleware(BodyGuard, limit=settings.max_body_bytes, metrics=service.metrics)
-    app.state.service, app.state.engine = service, service.engine
+    app.state.service = service  # its `engine` is the live version's (a reload replaces it)
 
     # ------------------------------------------------------------------ errors and auth
     @app.exception_handler(APIError)
