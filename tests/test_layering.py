@@ -15,12 +15,12 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 
 # Lower layers never import higher ones; a layer may import within itself (without cycles).
 LAYERS = [
-    ["errors", "config", "meta", "text", "cache"],
-    ["corpora", "data"],
+    ["errors", "config", "meta", "text", "cache", "rewards"],
+    ["corpora", "data", "conversations"],
     ["backbone", "adapters", "mixing"],
     ["routing"],
     ["bundle", "storage", "model", "versions"],
-    ["train", "evolve"],
+    ["train", "evolve", "questions"],
     ["evaluate", "scoring"],
     ["bench"],
     ["cli", "server", "demo", "export", "segments", PACKAGE],

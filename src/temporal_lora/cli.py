@@ -75,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="+", metavar="PROMPT")
     p.add_argument("--mode", default="hard", choices=["hard", "soft", "topk"])
     p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--domain", default=None, help="force one domain's adapter ('base' for none)")
+    p.add_argument("--domain", default=None, help="force one domain's adapter ('base' for none; 'legal/plain' "
+                                                  "forces a domain and its style)")
+    p.add_argument("--style", default=None, help="answer style of the chosen domain (e.g. plain, formal; 'auto' "
+                                                 "reads the prompt's register; 'none' the domain's own adapter; "
+                                                 "default: the domain's default style)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=0.8)
@@ -126,6 +130,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    p = sub.add_parser("add-style", help="train a DPO style adapter under a domain (e.g. legal/plain); new version")
+    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--domain", required=True, help="the domain the style belongs to")
+    p.add_argument("--name", required=True, help="the style's name (requests use style=NAME or model DOMAIN/NAME)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preferences", type=Path, help="JSONL of {\"prompt\", \"chosen\", \"rejected\"} (TRL's format)")
+    src.add_argument("--reward", help="build pairs on-policy with a built-in reward: plain, formal or concise")
+    p.add_argument("--budget", default="quick", choices=["quick", "full"])
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--default", action="store_true", help="make it the domain's default style")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("examples", help="route examples from the user: add/list/remove; the router is refit; new version")
+    ex = p.add_subparsers(dest="examples_command", required=True, metavar="ACTION")
+    q = ex.add_parser("add", help="add example texts for a domain and refit the router")
+    q.add_argument("--bundle", required=True, type=Path)
+    q.add_argument("--domain", required=True)
+    q.add_argument("texts", nargs="*", metavar="TEXT")
+    q.add_argument("--jsonl", type=Path, help="JSONL with a 'text' field per line (and optional 'domain')")
+    q.add_argument("--weight", type=float, default=None, help="how many replay rows one example counts as (default 20)")
+    _add_base(q)
+    q = ex.add_parser("list", help="list the bundle's examples (JSON lines)")
+    q.add_argument("--bundle", required=True, type=Path)
+    q = ex.add_parser("remove", help="remove examples by id (or all of --domain) and refit the router")
+    q.add_argument("--bundle", required=True, type=Path)
+    q.add_argument("ids", nargs="*", metavar="ID")
+    q.add_argument("--domain", default=None)
+
     p = sub.add_parser("remove-domain", help="drop one domain's adapter and refit the router; new version")
     p.add_argument("--bundle", required=True, type=Path)
     p.add_argument("--name", required=True)
@@ -139,9 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, type=int, metavar="V")
 
     p = sub.add_parser("bench", help="measure against merging, sequential/multitask LoRA, Arrow, other routers")
-    p.add_argument("what", nargs="?", default="all", choices=["all", "scaling"],
+    p.add_argument("what", nargs="?", default="all", choices=["all", "scaling", "generalisation"],
                    help="all (default): the comparison bench; scaling: 2-16 domains vs multitask LoRA "
-                        "(scaling.json, scaling.md, plots)")
+                        "(scaling.json, scaling.md, plots); generalisation: router accuracy in-source, on "
+                        "held-out sources and on questions (generalisation.json, generalisation.md)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="generalisation: cached texts, features and phases (default OUT/work; resumable)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="bench.json, bench.md, plots (and work/)")
     p.add_argument("--bundle", type=Path, default=None, help="bundle to measure (default: train one into OUT/work)")
     p.add_argument("--budget", default="quick", choices=["quick", "full"])
@@ -191,9 +226,12 @@ def cmd_fetch(args) -> None:
     from temporal_lora.backbone import default_model_dir
     from temporal_lora.cache import cache_dir
     from temporal_lora.corpora import fetch_builtin
+    from temporal_lora.corpora.sources import PRIMARY, load_source, sources_of
 
     for name, count in fetch_builtin(_domains(args.domains)).items():
-        print(f"{name}: {count} documents")
+        # The router's other training sources (held-out ones are the bench's, fetched there).
+        extra = [f"{s.name} {len(load_source(s.name))}" for s in sources_of(name) if s.name != PRIMARY[name]]
+        print(f"{name}: {count} documents" + (f" (router also reads: {', '.join(extra)})" if extra else ""))
     if not args.no_model:
         print(f"base model: {default_model_dir()}")
     print(f"cache: {cache_dir()}")
@@ -254,13 +292,15 @@ def cmd_generate(args) -> None:
     results = tl.generate(args.prompt, mode=args.mode, top_k=args.top_k, domain=args.domain,
                           max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                           temperature=args.temperature, repetition_penalty=args.repetition_penalty,
-                          chat=args.chat, seed=args.seed)
+                          chat=args.chat, seed=args.seed, style=args.style)
     for g in results:
         if args.json:
             print(json.dumps(g.to_dict()))
         else:
             used = ", ".join(f"{d}={w:.2f}" for d, w in g.weights.items() if w > 0) or "base model"
-            print(f"[route: {g.route.domain or 'abstained'} ({g.route.confidence:.2f}); adapters: {used}]")
+            style = f"; style: {g.style['style'] or 'none'}" if g.style else ""
+            note = f" ({g.style['note']})" if g.style and g.style.get("note") else ""
+            print(f"[route: {g.route.domain or 'abstained'} ({g.route.confidence:.2f}); adapters: {used}{style}{note}]")
             print(g.text if args.chat else g.prompt + g.text)
 
 
@@ -314,6 +354,20 @@ def cmd_add_subdomain(args) -> None:
               + ", ".join(f"{c} {a:.2%}" for c, a in acc.items()))
 
 
+def cmd_add_style(args) -> None:
+    from temporal_lora.evolve import add_style
+
+    report = add_style(args.bundle, args.domain, args.name, preferences=args.preferences, reward=args.reward,
+                       budget=args.budget, seed=args.seed, make_default=args.default)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    t, tr = report["timing"], report["training"]
+    print(f"version {report['version']}: added style '{report['route']}' ({tr['pairs']} pairs, {tr['steps']} DPO "
+          f"steps, {report['seconds_total']:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items()) +
+          f"); final preference margin {tr['final_margin']}; other files byte-identical")
+
+
 def cmd_remove_domain(args) -> None:
     from temporal_lora.evolve import remove_domain
 
@@ -333,7 +387,34 @@ def cmd_history(args) -> None:
         print(f"{row['version']:>3}  {row['time']}  {what:<28} {','.join(row['domains'])}{flag}")
 
 
+def cmd_examples(args) -> None:
+    from temporal_lora.evolve.examples import add_examples, list_examples, remove_examples
+
+    if args.examples_command == "list":
+        for item in list_examples(args.bundle):
+            print(json.dumps(item, ensure_ascii=False))
+        return
+    if args.examples_command == "add":
+        texts = list(args.texts)
+        if args.jsonl is not None:
+            from temporal_lora.corpora import read_jsonl_texts
+
+            texts += read_jsonl_texts(args.jsonl)
+        report = add_examples(args.bundle, args.domain, texts, weight=args.weight, base=args.base)
+    else:
+        report = remove_examples(args.bundle, args.ids, domain=args.domain)
+    report.pop("router_training", None)
+    print(json.dumps(report))
+
+
 def cmd_bench(args) -> None:
+    if args.what == "generalisation":
+        from temporal_lora.bench.generalisation import run_generalisation
+
+        run_generalisation(args.out, work=args.work, base=args.base, budget=args.budget)
+        print((args.out / "generalisation.md").read_text(encoding="utf-8"))
+        print(f"written to {args.out}/generalisation.json and generalisation.md")
+        return
     if args.what == "scaling":
         from temporal_lora.bench.scaling import run_scaling
 
@@ -390,6 +471,7 @@ def cmd_export(args) -> None:
 
 COMMANDS = {"fetch": cmd_fetch, "train": cmd_train, "route": cmd_route, "generate": cmd_generate,
             "eval": cmd_eval, "demo": cmd_demo, "add-domain": cmd_add_domain, "add-subdomain": cmd_add_subdomain,
+            "add-style": cmd_add_style, "examples": cmd_examples,
             "remove-domain": cmd_remove_domain,
             "history": cmd_history, "rollback": cmd_rollback, "bench": cmd_bench,
             "serve": cmd_serve, "export": cmd_export}

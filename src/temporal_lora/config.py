@@ -37,6 +37,11 @@ class RouterConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-3
     abstain_threshold: float = 0.0  # calibrated confidence below this -> plain base model
+    # Wider router text (issue 14): windows of each built-in domain's other training sources
+    # (corpora/sources.py) and short views of the training documents (headings, first sentences,
+    # single lines, signatures, the documents' own questions; corpora/views.py), per domain.
+    extra_sources: bool = True
+    short_texts: int = 200  # short training texts per domain (0: windows only, as before)
 
 
 @dataclass

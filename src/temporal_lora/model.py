@@ -41,6 +41,7 @@ from temporal_lora.routing.decisions import (
 from temporal_lora.routing.features import pool_prefixes, token_features
 from temporal_lora.routing.gating import GatingNetwork
 from temporal_lora.routing.hierarchy import Hierarchy, adapter_name, route_name
+from temporal_lora.routing.styles import Styles
 from temporal_lora.storage import (
     ROUTER_DIR,
     SPLITS_FILE,
@@ -48,9 +49,11 @@ from temporal_lora.storage import (
     read_hierarchy,
     read_replay,
     read_splits,
+    read_styles,
     write_hierarchy,
     write_router,
     write_splits,
+    write_styles,
 )
 from temporal_lora.text import pad_batch, tokenize
 
@@ -64,10 +67,14 @@ class Generation:
     mode: str
     route: RouteDecision
     weights: dict[str, float]  # the adapter mix actually applied (all zero = base model)
+    style: dict | None = None  # the style used (routing/styles.py StyleChoice); None: bundle without styles
 
     def to_dict(self) -> dict:
-        return {"prompt": self.prompt, "text": self.text, "mode": self.mode,
-                "route": self.route.to_dict(), "weights": self.weights}
+        out = {"prompt": self.prompt, "text": self.text, "mode": self.mode,
+               "route": self.route.to_dict(), "weights": self.weights}
+        if self.style is not None:
+            out["style"] = self.style
+        return out
 
 
 class TemporalLoRA:
@@ -93,6 +100,7 @@ class TemporalLoRA:
         # so that add-domain / remove-domain can refit the router without old raw text (routing/replay.py).
         self.replay: dict | None = None
         self.hierarchy: Hierarchy | None = None  # subdomains (routing/hierarchy.py); None for a bundle without any
+        self.styles: Styles | None = None  # style adapters (routing/styles.py); None for a bundle without any
         self.context_length = context_length(self.model, tokenizer)
 
     # ---------------------------------------------------------------- construction and disk
@@ -142,6 +150,8 @@ class TemporalLoRA:
         tl.replay = replay[0] if replay else None
         if manifest.get("subdomains"):  # bundles without subdomains load exactly as before
             tl.attach_subdomains(path, read_hierarchy(path, manifest))
+        if manifest.get("styles"):  # likewise styles: loaded after the subdomains
+            tl.attach_styles(path, read_styles(path, manifest))
         return tl
 
     def attach_subdomains(self, bundle: Path, hierarchy: Hierarchy) -> None:
@@ -155,8 +165,21 @@ class TemporalLoRA:
                 self.peft_model.load_adapter(str(folder), adapter_name=adapter_name(parent, child))
         self.peft_model.eval()
         self.mixer.remove()
-        self.mixer = AdapterMixer(self.peft_model, self.domains + hierarchy.adapter_names())
+        self.mixer = AdapterMixer(self.peft_model, self.domains + hierarchy.adapter_names()
+                                  + (self.styles.adapter_names() if self.styles else []))
         self.hierarchy = hierarchy
+
+    def attach_styles(self, bundle: Path, styles: Styles) -> None:
+        """Load style adapters onto this model; the mixer holds domains, subdomains, then styles."""
+        for domain, entry in styles.entries.items():
+            for style, info in entry.get("adapters", {}).items():
+                self.peft_model.load_adapter(str(safe_path(bundle, info["path"])),
+                                             adapter_name=adapter_name(domain, style))
+        self.peft_model.eval()
+        self.mixer.remove()
+        subs = self.hierarchy.adapter_names() if self.hierarchy else []
+        self.mixer = AdapterMixer(self.peft_model, self.domains + subs + styles.adapter_names())
+        self.styles = styles
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the bundle atomically (temp dir + rename). Returns the path."""
@@ -175,6 +198,9 @@ class TemporalLoRA:
                 manifest["subdomains"] = subdomains
                 for folder in ("subadapters", "subrouters"):
                     manifest["files"].update(checksums(tmp / folder, tmp))
+            if self.styles and self.styles.entries:
+                manifest["styles"] = write_styles(self.styles, self.peft_model, tmp)
+                manifest["files"].update(checksums(tmp / "styles", tmp))
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
 
         write_atomic_dir(path, fill)
@@ -293,11 +319,15 @@ class TemporalLoRA:
     @torch.no_grad()
     def generate(self, prompts: list[str], *, mode: str = "hard", top_k: int = 2, domain: str | None = None,
                  max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
-                 repetition_penalty: float = 1.0, chat: bool = False, seed: int = 0) -> list[Generation]:
+                 repetition_penalty: float = 1.0, chat: bool = False, seed: int = 0,
+                 style: str | list[str | None] | None = None) -> list[Generation]:
         """Generate for a batch of prompts; each prompt uses its own route (or the forced `domain`).
 
         With `chat=True` each prompt is a user message wrapped in the base model's chat template;
         the router still reads the bare message (the template's boilerplate carries no domain).
+        `style` picks a style adapter of the chosen domain ('plain', 'formal', ...; 'auto' reads
+        the prompt's register; 'none' the domain's own adapter; None its default style), one for
+        all prompts or one per prompt; `domain="legal/plain"` forces both.
         """
         check_mode(mode)
         if max_new_tokens < 1:
@@ -313,14 +343,16 @@ class TemporalLoRA:
             if len(seq) + max_new_tokens > self.context_length:
                 raise InputError(f"prompt {i} has {len(seq)} tokens; with {max_new_tokens} new tokens "
                                  f"that exceeds the context of {self.context_length}")
-        plan = plan_routes(self, route_ids, mode=mode, top_k=top_k, domain=domain)
+        plan = plan_routes(self, route_ids, mode=mode, top_k=top_k, domain=domain, style=style)
         # A forced adapter still reports what the router would have chosen.
         routes = plan.decisions if not domain else self.decisions(self.route_probs(route_ids))
         texts = self.generate_ids(ids, plan.weights, max_new_tokens, do_sample=do_sample, temperature=temperature,
                                   seed=seed, repetition_penalty=repetition_penalty)
+        styles = plan.styles or [None] * len(prompts)
         return [
-            Generation(prompt=p, text=t, mode=("forced" if domain else mode), route=r, weights=w)
-            for p, t, r, w in zip(prompts, texts, routes, plan.named, strict=True)
+            Generation(prompt=p, text=t, mode=("forced" if domain else mode), route=r, weights=w,
+                       style=s.to_dict() if s is not None else None)
+            for p, t, r, w, s in zip(prompts, texts, routes, plan.named, styles, strict=True)
         ]
 
     def chat_prompt(self, message: str) -> str:

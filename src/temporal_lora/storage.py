@@ -8,6 +8,7 @@ each part lives and how the manifest records it, so that training, `from_pretrai
     data/splits.json                                          which documents each domain held out
     subadapters/<parent>/<child>/                             subdomain adapters (PEFT folders)
     subrouters/<parent>/router.safetensors, replay.safetensors, splits.json
+    styles/<domain>/<style>/                                  style adapters (PEFT folders)
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file, save_file
+
 from temporal_lora.adapters import save_peft_adapters
 from temporal_lora.bundle import safe_path
 from temporal_lora.config import RouterConfig
@@ -23,11 +27,13 @@ from temporal_lora.errors import BundleError
 from temporal_lora.routing.gating import GatingNetwork, load_gating, save_gating
 from temporal_lora.routing.hierarchy import DEFAULT_FALLBACK, Hierarchy, SubRouter, adapter_name
 from temporal_lora.routing.replay import load_replay, save_replay
+from temporal_lora.routing.styles import Styles
 
 ROUTER_DIR = "router"
 SPLITS_FILE = "data/splits.json"
 SUBADAPTERS = "subadapters"
 SUBROUTERS = "subrouters"
+STYLES = "styles"
 
 
 # ------------------------------------------------------------------------------------------ routers
@@ -65,6 +71,46 @@ def read_replay(bundle: Path, entry: dict, names: list[str]) -> tuple[dict, list
     if missing:
         raise BundleError(f"router replay memory lacks {', '.join(missing)}")
     return features, lengths
+
+
+# ------------------------------------------------------------------------------------------ route examples
+EXAMPLES_FILE = "router/examples.json"
+EXAMPLE_FEATURES = "router/examples.safetensors"
+
+
+def read_examples(bundle: Path, manifest: dict) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """A bundle's route examples ([{id, domain, text}], {id: pooled features [dim]}); none for
+    bundles that have none (every bundle written before `tlora examples`)."""
+    entry = manifest["router"].get("examples")
+    if not entry:
+        return [], {}
+    try:
+        items = json.loads(safe_path(bundle, entry["path"]).read_text(encoding="utf-8"))["examples"]
+        feats = load_file(str(safe_path(bundle, entry["features"]))) if items else {}
+    except (OSError, KeyError, ValueError) as exc:
+        raise BundleError(f"route examples of {bundle} are unreadable: {exc}") from exc
+    return items, feats
+
+
+def write_examples(root: Path, manifest: dict, items: list[dict], feats: dict[str, torch.Tensor],
+                   weight: float) -> None:
+    """Write route examples and their features; record them in the manifest's router entry."""
+    if not items:
+        manifest["router"].pop("examples", None)
+        return
+    (root / ROUTER_DIR).mkdir(parents=True, exist_ok=True)
+    (root / EXAMPLES_FILE).write_text(json.dumps({"examples": items}, indent=1, ensure_ascii=False), encoding="utf-8")
+    save_file({i["id"]: feats[i["id"]].to(torch.float16).contiguous() for i in items}, str(root / EXAMPLE_FEATURES))
+    manifest["router"]["examples"] = {"path": EXAMPLES_FILE, "features": EXAMPLE_FEATURES, "weight": weight,
+                                      "count": len(items)}
+
+
+def examples_by_domain(items: list[dict], feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{domain: [k, dim]} of route examples, the form `fit_router` takes."""
+    out: dict[str, list[torch.Tensor]] = {}
+    for item in items:
+        out.setdefault(item["domain"], []).append(feats[item["id"]].float())
+    return {d: torch.stack(v) for d, v in out.items()}
 
 
 # ------------------------------------------------------------------------------------------ splits
@@ -137,3 +183,37 @@ def write_hierarchy(hierarchy: Hierarchy, peft_model, root: Path) -> dict:
                         hierarchy.splits.get(parent, {}))
     shutil.rmtree(stage, ignore_errors=True)
     return entries
+
+
+# ------------------------------------------------------------------------------------------ styles
+def style_folder(domain: str, style: str) -> str:
+    return f"{STYLES}/{domain}/{style}"
+
+
+def read_styles(bundle: Path, manifest: dict) -> Styles:
+    """The manifest's style adapters ({domain: {"default", "adapters"}}), checked against its domains."""
+    entries = manifest.get("styles") or {}
+    for domain, entry in entries.items():
+        if domain not in manifest["domains"]:
+            raise BundleError(f"styles listed under {domain!r}, which is not a domain of this bundle")
+        for style, info in entry.get("adapters", {}).items():
+            if not (safe_path(bundle, info["path"]) / "adapter_model.safetensors").is_file():
+                raise BundleError(f"style adapter {domain}/{style} has no adapter_model.safetensors")
+        if entry.get("default") not in (None, *entry.get("adapters", {})):
+            raise BundleError(f"default style {entry['default']!r} of {domain!r} has no adapter")
+    return Styles(json.loads(json.dumps(entries)))
+
+
+def write_styles(styles: Styles, peft_model, root: Path) -> dict:
+    """Write styles/ under `root` (save_pretrained); return the manifest's `styles` entry."""
+    stage = root / ".styles-stage"
+    names = styles.adapter_names()
+    if names:
+        save_peft_adapters(peft_model, stage, selected_adapters=names)
+    for domain, entry in styles.entries.items():
+        for style, info in entry.get("adapters", {}).items():
+            folder = root / info["path"]
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(stage / adapter_name(domain, style)), str(folder))
+    shutil.rmtree(stage, ignore_errors=True)
+    return json.loads(json.dumps(styles.entries))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 import shutil
 import time
@@ -15,13 +16,16 @@ from temporal_lora.adapters import RESERVED_NAMES, distributed_state, train_adap
 from temporal_lora.backbone import decoder_layers, fingerprint, load_backbone
 from temporal_lora.bundle import MANIFEST
 from temporal_lora.config import TrainConfig, budget_config, router_prefix_lengths
-from temporal_lora.corpora import Document, load_domain, source_of
+from temporal_lora.corpora import BUILTIN_DOMAINS, Document, load_domain, source_of
+from temporal_lora.corpora.sources import PRIMARY, load_source, sources_of
+from temporal_lora.corpora.views import questions_in, short_views
 from temporal_lora.data import Splits, chunk_documents, dedupe, split_documents
-from temporal_lora.errors import CorpusError, InputError
+from temporal_lora.errors import CorpusError, FetchError, InputError
 from temporal_lora.model import TemporalLoRA
 from temporal_lora.routing.features import resolve_feature_spec
 from temporal_lora.routing.gating import GatingNetwork, fit_router
 from temporal_lora.routing.replay import domain_features
+from temporal_lora.text import tokenize
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
@@ -78,15 +82,93 @@ def chunks_tensor(docs: list[Document], tokenizer, cfg: TrainConfig, n: int, see
     return torch.tensor(chunks, dtype=torch.long)
 
 
+@dataclass
+class RouterText:
+    """What the router reads of one domain: windows (training / calibration) and short texts."""
+
+    train: torch.Tensor
+    calib: torch.Tensor
+    short: list[list[int]]
+    short_calib: list[list[int]]
+    sources: dict  # {source: {"documents", "train_documents", "val_ids", "test_ids"}} (built-in extras)
+
+
+def router_text(dd: DomainData, tokenizer, cfg: TrainConfig, builtin: bool, log=print) -> RouterText:
+    """The router's training text of one domain: windows of the training documents (as before), plus,
+    for a built-in domain, windows of its other training sources (corpora/sources.py: half as many
+    again, shared among them), plus short views and the documents' own questions (`short_texts`)."""
+    train = chunks_tensor(dd.splits.train, tokenizer, cfg, cfg.router_chunks, cfg.seed + 1, dd.name)
+    calib = chunks_tensor(dd.splits.val, tokenizer, cfg, cfg.calib_chunks, cfg.seed, f"{dd.name} val split")
+    splits = {"primary": dd.splits}
+    sources: dict = {}
+    extras = [s for s in sources_of(dd.name) if s.name != PRIMARY.get(dd.name)] \
+        if builtin and cfg.router.extra_sources and dd.name in BUILTIN_DOMAINS else []
+    more_train, more_calib = [train], [calib]
+    for src in extras:
+        try:
+            docs = dedupe(load_source(src.name))
+            sp = split_documents(docs, seed=cfg.seed)
+        except (CorpusError, FetchError) as exc:  # e.g. no apt-get here: the router trains without it
+            log(f"router source {src.name!r} of {dd.name!r} skipped: {exc}")
+            sources[src.name] = {"skipped": str(exc)}
+            continue
+        n, m = max(1, cfg.router_chunks // (2 * len(extras))), max(1, cfg.calib_chunks // (2 * len(extras)))
+        for docs_, k, seed, out in ((sp.train, n, cfg.seed + 1, more_train),
+                                    (sp.val, m, cfg.seed, more_calib)):
+            chunks = chunk_documents(docs_, tokenizer, block_size=cfg.block_size, max_chunks=k, seed=seed)
+            if chunks:
+                out.append(torch.tensor(chunks, dtype=torch.long))
+        splits[src.name] = sp
+        sources[src.name] = {"documents": len(docs), "train_documents": len(sp.train),
+                             "val_ids": [d.id for d in sp.val], "test_ids": [d.id for d in sp.test]}
+    short = _short_texts(tokenizer, [s.train for s in splits.values()], cfg.router.short_texts, cfg)
+    short_calib = _short_texts(tokenizer, [s.val for s in splits.values()], cfg.router.short_texts // 5, cfg)
+    return RouterText(torch.cat(more_train), torch.cat(more_calib), short, short_calib, sources)
+
+
+def _short_texts(tokenizer, doc_lists: list[list[Document]], limit: int, cfg: TrainConfig) -> list[list[int]]:
+    """Up to `limit` short texts (token ids, at most the router's max_tokens), taken in turn from
+    each source's documents: short views, and about one in four the documents' own questions."""
+    if limit <= 0:
+        return []
+    rng = random.Random(cfg.seed)
+    pools = []
+    for docs in doc_lists:
+        docs = list(docs)
+        rng.shuffle(docs)
+        views, questions = [], []
+        for doc in docs[:400]:  # bounded: PubMed has ~25k training abstracts
+            views += short_views(doc.text, limit=3, seed=cfg.seed)
+            questions += questions_in(doc.text)[:2]
+        rng.shuffle(views)
+        rng.shuffle(questions)
+        pools.append(questions[: max(1, limit // (4 * len(doc_lists)))] + views)
+    out: list[list[int]] = []
+    seen: set[str] = set()
+    while len(out) < limit and any(pools):
+        for pool in pools:
+            if pool and len(out) < limit:
+                text = pool.pop(0)
+                ids = tokenize(tokenizer, text, "router text")[: cfg.router.max_tokens]
+                if ids and text not in seen:
+                    seen.add(text)
+                    out.append(ids)
+    return out
+
+
 def train_router(tl_model, tokenizer, spec: str, domain_chunks: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                 cfg: TrainConfig, replay: dict | None = None) -> tuple[GatingNetwork, dict]:
+                 cfg: TrainConfig, replay: dict | None = None,
+                 short: dict[str, tuple[list, list]] | None = None) -> tuple[GatingNetwork, dict]:
     """Train the gating network on prefixes of training chunks; calibrate on validation chunks.
 
     With `replay` (a dict), each domain's features are also put there: the bundle keeps them so
     that adding or removing a domain later refits the router without the old domains' raw text.
     """
     lengths = router_prefix_lengths(cfg.router, cfg.block_size)
-    features = {name: domain_features(tl_model, spec, train_chunks, calib_chunks, lengths)
+    short = short or {}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    features = {name: domain_features(tl_model, spec, train_chunks, calib_chunks, lengths,
+                                      *short.get(name, (None, None)), pad_id=pad)
                 for name, (train_chunks, calib_chunks) in domain_chunks.items()}
     net, summary = fit_router(features, cfg.router, seed=cfg.seed)
     if replay is not None:
@@ -134,7 +216,7 @@ def train_bundle(
     spec = resolve_feature_spec(cfg.router.features, len(decoder_layers(model)))
     timing["load_base_model"] = time.perf_counter() - t0
 
-    training, splits_info, router_data = {}, {}, {}
+    training, splits_info, router_data, router_short = {}, {}, {}, {}
     # Adapters are staged next to the output; under `accelerate launch` every process must see the
     # same folder (the main process writes each adapter, all of them load it), so the name is fixed.
     state = distributed_state()
@@ -148,9 +230,9 @@ def train_bundle(
             t0 = time.perf_counter()
             n_train = cfg.steps * cfg.batch_size
             train_chunks = chunks_tensor(dd.splits.train, tokenizer, cfg, n_train, cfg.seed, f"{name} train split")
-            router_chunks = chunks_tensor(dd.splits.train, tokenizer, cfg, cfg.router_chunks, cfg.seed + 1, name)
-            calib_chunks = chunks_tensor(dd.splits.val, tokenizer, cfg, cfg.calib_chunks, cfg.seed, f"{name} val split")
-            router_data[name] = (router_chunks, calib_chunks)
+            rt = router_text(dd, tokenizer, cfg, builtin=name not in data, log=log)
+            router_data[name] = (rt.train, rt.calib)
+            router_short[name] = (rt.short, rt.short_calib)
             timing[f"chunk_{name}"] = time.perf_counter() - t0
             log(f"[{i + 1}/{len(datasets)}] training adapter '{name}' on {len(train_chunks)} chunks "
                 f"of {cfg.block_size} tokens ({cfg.steps} steps)")
@@ -158,14 +240,15 @@ def train_bundle(
             summary = train_adapter(model, train_chunks.tolist(), work / name, cfg, desc=name, progress=progress)
             timing[f"adapter_{name}"] = time.perf_counter() - t0
             training[name] = summary | {"source": dd.source, "seed": cfg.seed}
-            splits_info[name] = dd.split_summary()
+            splits_info[name] = dd.split_summary() | ({"router_sources": rt.sources} if rt.sources else {})
         if fingerprint(model) != base_fp:  # adapters must never touch the base
             raise RuntimeError("base model weights changed during adapter training")
 
         log(f"training router on '{spec}' features")
         t0 = time.perf_counter()
         replay: dict = {}
-        router, router_summary = train_router(model, tokenizer, spec, router_data, cfg, replay=replay)
+        router, router_summary = train_router(model, tokenizer, spec, router_data, cfg, replay=replay,
+                                              short=router_short)
         timing["router"] = time.perf_counter() - t0
 
         info = {"training": training, "router_training": router_summary, "data": splits_info,

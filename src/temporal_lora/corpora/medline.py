@@ -27,6 +27,7 @@ class Article:
     parts: tuple[str, ...]
     types: frozenset[str]
     major_topics: tuple[str, ...]
+    title: str = ""
 
     def abstract(self, *, keep_empty_parts: bool = False) -> str:
         """The abstract, one part per line (structured abstracts have BACKGROUND, RESULTS, ...)."""
@@ -66,8 +67,10 @@ def articles(xml: IO[bytes]) -> Iterator[Article]:
             if desc.get("MajorTopicYN") == "Y" or any(
                     q.get("MajorTopicYN") == "Y" for q in heading.iterfind("QualifierName")):
                 majors.append(desc.text.lower())
+        title_elem = elem.find("MedlineCitation/Article/ArticleTitle")
+        title = " ".join("".join(title_elem.itertext()).split()) if title_elem is not None else ""
         elem.clear()
-        yield Article(pmid, parts, types, tuple(majors))
+        yield Article(pmid, parts, types, tuple(majors), title)
 
 
 def all_articles() -> Iterator[Article]:

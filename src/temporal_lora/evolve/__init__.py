@@ -6,6 +6,7 @@ text), copies every other file byte for byte and commits a new bundle version (v
 
 from temporal_lora.evolve.common import bundle_train_config
 from temporal_lora.evolve.domains import add_domain, remove_domain
+from temporal_lora.evolve.styles import add_style
 from temporal_lora.evolve.subdomains import add_subdomain
 
-__all__ = ["add_domain", "add_subdomain", "bundle_train_config", "remove_domain"]
+__all__ = ["add_domain", "add_style", "add_subdomain", "bundle_train_config", "remove_domain"]

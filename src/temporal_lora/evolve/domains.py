@@ -14,6 +14,7 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from temporal_lora.bundle import read_manifest
@@ -26,13 +27,16 @@ from temporal_lora.routing.replay import domain_features, replay_accuracy
 from temporal_lora.storage import (
     ROUTER_DIR,
     SPLITS_FILE,
+    examples_by_domain,
     load_router,
+    read_examples,
     read_replay,
     read_splits,
+    write_examples,
     write_router,
     write_splits,
 )
-from temporal_lora.train import chunks_tensor, load_domain_data, validate_domains
+from temporal_lora.train import chunks_tensor, load_domain_data, router_text, validate_domains
 from temporal_lora.versions import commit, copy_files
 
 
@@ -64,7 +68,13 @@ def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None,
     if rebuilt:
         log(f"bundle has no router replay memory: recomputed it from the old domains' corpora "
             f"({add.timing['load_replay']:.0f} s)")
-    train_chunks, router_chunks, calib_chunks = add.chunks(dd.splits, name)
+    train_chunks, _, _ = add.chunks(dd.splits, name)
+    # Short texts and other sources only when every old domain has them too: a router that saw short
+    # texts of one domain alone would send every short input there.
+    wide = all("short" in replay[d] for d in old_domains)
+    rcfg = add.cfg if wide else replace(add.cfg, router=replace(add.cfg.router, extra_sources=False, short_texts=0))
+    with add.timed("chunk"):
+        rt = router_text(dd, add.tokenizer, rcfg, builtin=data is None, log=log)
 
     # The new adapter is trained in the system temp dir, so a killed run leaves nothing beside the bundle.
     work = Path(tempfile.mkdtemp(prefix=f"tlora-add-{name}-"))
@@ -74,10 +84,15 @@ def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None,
 
         log("refitting the router on the replay memory plus the new domain")
         with add.timed("router_features"):
-            replay[name] = domain_features(add.model, add.spec, router_chunks, calib_chunks, lengths)
+            pad = add.tokenizer.pad_token_id if add.tokenizer.pad_token_id is not None else 0
+            replay[name] = domain_features(add.model, add.spec, rt.train, rt.calib, lengths, rt.short,
+                                           rt.short_calib, pad_id=pad)
         domains = [*old_domains, name]
         with add.timed("router_fit"):
-            router, router_summary = fit_router({d: replay[d] for d in domains}, add.router_cfg, seed=cfg.seed)
+            ex_items, ex_feats, ex_weight = _examples(bundle, manifest, domains)
+            router, router_summary = fit_router({d: replay[d] for d in domains}, add.router_cfg, seed=cfg.seed,
+                                                examples=examples_by_domain(ex_items, ex_feats),
+                                                example_weight=ex_weight)
 
         labels = {d: i for i, d in enumerate(old_domains)}
         old_replay = {d: replay[d] for d in old_domains}
@@ -85,7 +100,7 @@ def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None,
         after = replay_accuracy(router, old_replay, labels)
 
         splits = read_splits(bundle, manifest.get("data"))
-        splits[name] = dd.split_summary()
+        splits[name] = dd.split_summary() | ({"router_sources": rt.sources} if rt.sources else {})
         training = summary | {"source": dd.source, "seed": cfg.seed}
 
         def fill(tmp: Path, old: dict) -> dict:
@@ -100,6 +115,7 @@ def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None,
                                      "config": json.loads((folder / "adapter_config.json").read_text()),
                                      "training": training}
             _write_refit(tmp, new, router, router_summary, replay, domains, lengths, splits)
+            write_examples(tmp, new, ex_items, ex_feats, ex_weight)
             return new
 
         with add.timed("save"):
@@ -138,7 +154,9 @@ def remove_domain(bundle: str | Path, name: str, *, base: str | None = None, log
     if rebuilt:
         log("bundle has no router replay memory: recomputed it from the domains' corpora")
     router_cfg = RouterConfig(**manifest["router"]["config"])
-    router, router_summary = fit_router({d: replay[d] for d in domains}, router_cfg, seed=own.seed)
+    ex_items, ex_feats, ex_weight = _examples(bundle, manifest, domains)
+    router, router_summary = fit_router({d: replay[d] for d in domains}, router_cfg, seed=own.seed,
+                                        examples=examples_by_domain(ex_items, ex_feats), example_weight=ex_weight)
     router_seconds = time.perf_counter() - t0
     labels = {d: i for i, d in enumerate(domains)}
     after = replay_accuracy(router, {d: replay[d] for d in domains}, labels)
@@ -152,6 +170,7 @@ def remove_domain(bundle: str | Path, name: str, *, base: str | None = None, log
         if name in new.get("subdomains", {}):  # its subdomains go with it (their files are not copied)
             del new["subdomains"][name]
         _write_refit(tmp, new, router, router_summary, replay, domains, lengths, splits)
+        write_examples(tmp, new, ex_items, ex_feats, ex_weight)
         return new
 
     result = commit(bundle, fill, {"change": "remove-domain", "domain": name})
@@ -161,6 +180,13 @@ def remove_domain(bundle: str | Path, name: str, *, base: str | None = None, log
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def _examples(bundle: Path, manifest: dict, domains: list[str]) -> tuple[list[dict], dict, float]:
+    """The user's route examples of the domains kept (an example of a removed domain goes with it)."""
+    items, feats = read_examples(bundle, manifest)
+    weight = float((manifest["router"].get("examples") or {}).get("weight", 20.0))
+    return [i for i in items if i["domain"] in domains], feats, weight
+
+
 def _replay(bundle: Path, manifest: dict, model, tokenizer, cfg: TrainConfig, base: str | None = None):
     """The stored replay memory, or (old bundles) the same features recomputed from each domain's corpus."""
     found = read_replay(bundle, manifest["router"], manifest["domains"])

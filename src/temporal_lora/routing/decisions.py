@@ -15,6 +15,7 @@ import torch
 from temporal_lora.errors import InputError
 from temporal_lora.routing.hierarchy import SubDecision, display_name
 from temporal_lora.routing.segments import SegmentConfig, SegmentRouter
+from temporal_lora.routing.styles import StyleChoice, apply_styles
 
 MODES = ("hard", "soft", "topk")
 
@@ -45,6 +46,7 @@ class RoutePlan:
     weights: torch.Tensor
     named: list[dict[str, float]]
     subdecisions: list[SubDecision | None]
+    styles: list[StyleChoice | None] | None = None  # the style used per row (routing/styles.py)
 
 
 def check_mode(mode: str) -> None:
@@ -101,12 +103,28 @@ def forced_weights(adapters: list[str], name: str | None, n: int) -> torch.Tenso
 
 @torch.no_grad()
 def plan_routes(tl, route_ids: list[list[int]], *, mode: str = "hard", top_k: int = 2,
-                domain: str | None = None) -> RoutePlan:
+                domain: str | None = None, style: str | list[str | None] | None = None) -> RoutePlan:
     """Route a batch (or force `domain`) and give the adapter weights every generation path applies.
 
     Hard routing in a bundle with subdomains goes down a level: the subdomain's adapter, or the
-    parent's after a fallback. Soft and top-k mixes stay over the domains.
+    parent's after a fallback. Soft and top-k mixes stay over the domains. `style` (one for all
+    rows or one per row; 'auto' reads the prompt's register; None = each domain's default) then
+    swaps a domain's adapter for its style adapter (routing/styles.py).
     """
+    plan = _plan_domains(tl, route_ids, mode=mode, top_k=top_k, domain=domain)
+    styles = getattr(tl, "styles", None)
+    requested = list(style) if isinstance(style, list | tuple) else [style] * len(route_ids)
+    if len(requested) != len(route_ids):
+        raise InputError(f"{len(requested)} styles for {len(route_ids)} prompts")
+    if styles is None and all(r is None for r in requested):
+        return plan
+    texts = [tl.tokenizer.decode(ids) if r == "auto" else "" for ids, r in zip(route_ids, requested, strict=True)]
+    w, choices = apply_styles(styles, tl.mixer.adapter_names, plan.weights, requested, texts)
+    return RoutePlan(plan.decisions, w, [named_row(tl.mixer.adapter_names, r) for r in w], plan.subdecisions,
+                     choices)
+
+
+def _plan_domains(tl, route_ids: list[list[int]], *, mode: str, top_k: int, domain: str | None) -> RoutePlan:
     check_mode(mode)
     adapters = tl.mixer.adapter_names
     n = len(route_ids)

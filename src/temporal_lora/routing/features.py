@@ -18,44 +18,57 @@ class _StopForward(Exception):
 
 
 def resolve_feature_spec(spec: str, n_layers: int) -> str:
-    """Normalise 'embeddings' / 'hidden:L' (L=-1 -> a lower-middle layer) to a concrete spec."""
+    """Normalise 'embeddings' / 'hidden:L' (L=-1 -> a lower-middle layer) / 'hidden:L1,L2' (the
+    pooled layers side by side) to a concrete spec."""
     if spec == "embeddings":
         return spec
-    kind, _, layer = spec.partition(":")
-    if kind != "hidden" or not layer.lstrip("-").isdigit():
-        raise InputError(f"unknown router features {spec!r}; use 'embeddings' or 'hidden:LAYER'")
-    index = int(layer)
-    if index == -1:
-        index = n_layers // 4 + 1  # 8 of 30 for SmolLM2, 2 of 4 for the tiny test models
-    if not 1 <= index <= n_layers:
-        raise InputError(f"router layer {index} out of range 1..{n_layers}")
-    return f"hidden:{index}"
+    kind, _, layers = spec.partition(":")
+    if kind != "hidden" or not layers or not all(x.lstrip("-").isdigit() for x in layers.split(",")):
+        raise InputError(f"unknown router features {spec!r}; use 'embeddings', 'hidden:LAYER' or 'hidden:L1,L2'")
+    indices = []
+    for layer in layers.split(","):
+        index = int(layer)
+        if index == -1:
+            index = n_layers // 4 + 1  # 8 of 30 for SmolLM2, 2 of 4 for the tiny test models
+        if not 1 <= index <= n_layers:
+            raise InputError(f"router layer {index} out of range 1..{n_layers}")
+        indices.append(index)
+    return "hidden:" + ",".join(str(i) for i in indices)
+
+
+def feature_layers(spec: str) -> list[int]:
+    """The decoder layers a concrete 'hidden:...' spec reads ([] for embeddings)."""
+    return [] if spec == "embeddings" else [int(x) for x in spec.split(":")[1].split(",")]
 
 
 @torch.no_grad()
 def token_features(model: nn.Module, spec: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Per-token features [batch, seq, dim] of the *base* model (no adapter is applied here).
 
-    For `hidden:L` the forward stops right after layer L: the upper layers are never computed.
+    For `hidden:L` the forward stops right after layer L: the upper layers are never computed; with
+    several layers (`hidden:8,16`) their states are concatenated along the feature axis.
     Inputs must be right-padded so that real tokens keep their positions.
     """
     if spec == "embeddings":
         return model.get_input_embeddings()(input_ids)
-    layer = int(spec.split(":")[1])
-    captured: list[torch.Tensor] = []
-
-    def grab(_module, _args, output):
-        captured.append(output[0] if isinstance(output, tuple) else output)
-        raise _StopForward
-
-    handle = decoder_layers(model)[layer - 1].register_forward_hook(grab)
+    layers = feature_layers(spec)
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    blocks = decoder_layers(model)
+    for layer in sorted(set(layers)):
+        def grab(_module, _args, output, layer=layer):
+            captured[layer] = output[0] if isinstance(output, tuple) else output
+            if layer == max(layers):
+                raise _StopForward
+        handles.append(blocks[layer - 1].register_forward_hook(grab))
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _StopForward:
         pass
     finally:
-        handle.remove()
-    return captured[0]
+        for handle in handles:
+            handle.remove()
+    return torch.cat([captured[layer] for layer in layers], dim=-1) if len(layers) > 1 else captured[layers[0]]
 
 
 def pool_prefixes(features: torch.Tensor, attention_mask: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:

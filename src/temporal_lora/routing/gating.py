@@ -52,8 +52,11 @@ def train_gating(
     calib_labels: torch.Tensor,
     cfg: RouterConfig,
     seed: int = 0,
+    weights: torch.Tensor | None = None,
 ) -> RouterTrainResult:
-    """Fit the gating network (full batch, AdamW), then temperature-scale on held-out features."""
+    """Fit the gating network (full batch, AdamW), then temperature-scale on held-out features.
+
+    `weights` (one per training row) weigh the loss, e.g. a user's route examples above replay rows."""
     torch.manual_seed(seed)
     feats = feats.float()
     net.feature_mean.copy_(feats.mean(dim=0))
@@ -62,7 +65,11 @@ def train_gating(
     with torch.enable_grad():
         for _ in range(cfg.epochs):
             opt.zero_grad()
-            loss = nn.functional.cross_entropy(net.logits(feats), labels)
+            if weights is None:
+                loss = nn.functional.cross_entropy(net.logits(feats), labels)
+            else:
+                per_row = nn.functional.cross_entropy(net.logits(feats), labels, reduction="none")
+                loss = (per_row * weights).sum() / weights.sum()
             loss.backward()
             opt.step()
     with torch.no_grad():
@@ -84,25 +91,42 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, 
 
 
 def fit_router(features: dict[str, dict[str, torch.Tensor]], router_cfg: RouterConfig,
-               seed: int = 0) -> tuple[GatingNetwork, dict]:
+               seed: int = 0, examples: dict[str, torch.Tensor] | None = None,
+               example_weight: float = 1.0) -> tuple[GatingNetwork, dict]:
     """Train a gating network on every class's stored features (label = position in `features`).
 
-    `features[name]` is {"train": [L, n, dim], "calib": [L, m, dim]} over prefix lengths (replay.py).
+    `features[name]` is {"train": [L, n, dim], "calib": [L, m, dim]} over prefix lengths (replay.py),
+    optionally with "short" / "short_calib" ([k, dim]: headings, lines, questions).
+    `examples[name]` ([k, dim], optional) are a user's route examples: training rows whose loss
+    counts `example_weight` times a replay row's (examples of names not in `features` are ignored).
     """
     feats, labels, cfeats, clabels = [], [], [], []
     for label, f in enumerate(features.values()):
-        x = f["train"].float().flatten(0, 1)
-        c = f["calib"].float().flatten(0, 1)
+        # Windows' prefix features [L, n, dim] and, where stored, short texts' features [k, dim].
+        x = torch.cat([f["train"].float().flatten(0, 1), *([f["short"].float()] if "short" in f else [])])
+        c = torch.cat([f["calib"].float().flatten(0, 1), *([f["short_calib"].float()] if "short_calib" in f else [])])
         feats.append(x)
         cfeats.append(c)
         labels.append(torch.full((len(x),), label))
         clabels.append(torch.full((len(c),), label))
+    weights = None
+    n_replay = int(sum(len(x) for x in feats))
+    user = {name: t for name, t in (examples or {}).items() if name in features and len(t)}
+    if user:
+        names = list(features)
+        for name, t in user.items():
+            feats.append(t.float())
+            labels.append(torch.full((len(t),), names.index(name)))
+        weights = torch.cat([torch.ones(n_replay), torch.full((int(sum(len(t) for t in user.values())),),
+                                                              float(example_weight))])
     x, y = torch.cat(feats), torch.cat(labels)
     net = GatingNetwork(x.shape[1], len(features), router_cfg.hidden_dim)
-    result = train_gating(net, x, y, torch.cat(cfeats), torch.cat(clabels), router_cfg, seed=seed)
+    result = train_gating(net, x, y, torch.cat(cfeats), torch.cat(clabels), router_cfg, seed=seed, weights=weights)
     summary = {
-        "examples": len(x),
+        "examples": n_replay,
         "calibration_examples": int(sum(len(c) for c in cfeats)),
+        **({"user_examples": int(sum(len(t) for t in user.values())), "user_example_weight": float(example_weight)}
+           if user else {}),
         "train_accuracy": round(result.train_accuracy, 4),
         "calibration_accuracy": round(result.calib_accuracy, 4),
         "temperature": round(result.temperature, 4),

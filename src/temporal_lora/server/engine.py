@@ -44,11 +44,12 @@ class Route:
     route_ids: list[int] | None = None
     mode: str = "hard"
     top_k: int = 2
+    style: str | None = None  # routing/styles.py: a style name, 'auto', 'none' or None (the domain's default)
 
 
 @dataclass(eq=False)
 class Job:
-    """One sequence to generate. `emit` receives ("route", decision, weights), ("text", delta),
+    """One sequence to generate. `emit` receives ("route", decision, weights, style), ("text", delta),
     ("done", finish_reason, completion_tokens) or ("error", exception); it must be thread-safe."""
 
     prompt_ids: list[int]
@@ -184,13 +185,15 @@ class Engine:
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(batch):
             r = job.route
-            groups.setdefault((r.domain, r.mode, r.top_k), []).append(i)
-        for (domain, mode, top_k), members in groups.items():
+            groups.setdefault((r.domain, r.mode, r.top_k, r.style), []).append(i)
+        for (domain, mode, top_k, style), members in groups.items():
             ids = [batch[i].route.route_ids or [] for i in members]
-            plan = plan_routes(self.tl, ids, mode=mode, top_k=top_k, domain=domain)
+            plan = plan_routes(self.tl, ids, mode=mode, top_k=top_k, domain=domain, style=style)
             for row, i in enumerate(members):
                 rows[i] = plan.weights[row]
-                batch[i].emit("route", plan.decisions[row], plan.named[row])
+                choice = plan.styles[row] if plan.styles else None
+                batch[i].emit("route", plan.decisions[row], plan.named[row],
+                              choice.to_dict() if choice is not None else None)
         return torch.stack(rows)
 
 

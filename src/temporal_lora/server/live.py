@@ -62,10 +62,12 @@ class Unit:
 
     @property
     def model_ids(self) -> list[str]:
-        return ["auto", *self.tl.domains, *self.extras, "base"]
+        styles = self.tl.styles.route_names() if getattr(self.tl, "styles", None) else []
+        return ["auto", *self.tl.domains, *styles, *self.extras, "base"]
 
     def serves(self, name: str) -> bool:
-        return name == "base" or name in self.tl.domains or name in self.extras
+        styles = self.tl.styles.route_names() if getattr(self.tl, "styles", None) else []
+        return name == "base" or name in self.tl.domains or name in self.extras or name in styles
 
     def describe(self) -> dict:
         """What GET /v1/bundle answers for this unit."""

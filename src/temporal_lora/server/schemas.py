@@ -28,6 +28,9 @@ class SamplingFields(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0, description="> 1 discourages repeats")
     routing_mode: RoutingMode | None = Field(default=None, description="for model 'auto': hard, soft or topk")
     top_k: int = Field(default=2, ge=1, le=64, description="adapters mixed in routing_mode 'topk'")
+    style: str | None = Field(default=None, max_length=64,
+                              description="answer style of the chosen domain (e.g. 'plain'); 'auto' reads the "
+                                          "prompt's register; 'none' the domain's own adapter; default: its default")
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

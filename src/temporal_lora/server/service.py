@@ -348,11 +348,13 @@ class Service:
 
     # ------------------------------------------------------------------ routing decisions
     def _routing_info(self, unit: Unit, model: str, forced: str | None, mode: str, decision: RouteDecision | None,
-                      weights: dict[str, float] | None, count: bool = True) -> dict:
+                      weights: dict[str, float] | None, count: bool = True, style: dict | None = None) -> dict:
         chosen = forced if forced else (decision.domain if decision and decision.domain else "base")
         info = {"model": model, "domain": chosen, "mode": "forced" if forced else mode, "routed": forced is None,
                 "abstained": bool(decision and decision.abstained), "confidence": None, "probs": None,
                 "weights": weights, "bundle_version": unit.version}
+        if style is not None:  # routing/styles.py StyleChoice: requested, style used, note
+            info["style"] = style
         if decision is not None:
             info.update(confidence=decision.confidence, probs=decision.probs)
         if count:
@@ -372,7 +374,9 @@ class Service:
         try:
             sampling = [self._sampling(req, max_new, i) for i in range(req.n)]
             for prompt, ids in zip(prompts, route_ids, strict=True):
-                route = Route(domain=forced, route_ids=None if forced else ids, mode=mode, top_k=req.top_k)
+                # style 'auto' reads the prompt's register, also when the domain is forced
+                route = Route(domain=forced, route_ids=None if forced and req.style != "auto" else ids, mode=mode,
+                              top_k=req.top_k, style=req.style)
                 for s in sampling:
                     unit.engine.submit(call.job(prompt, route, s))
         except BaseException:
@@ -390,7 +394,7 @@ class Service:
                 index, event = await call.queue.get()
                 if event[0] == "route":  # metrics count one route per prompt, not per choice
                     routes[index] = self._routing_info(unit, req.model, forced, mode, event[1], event[2],
-                                                       count=index % req.n == 0)
+                                                       count=index % req.n == 0, style=event[3])
                 elif event[0] == "error":
                     raise event[1]
                 else:
@@ -466,6 +470,8 @@ class Service:
                            param="routing_mode")
         if len(route_texts) != 1:
             raise APIError(400, "with a backend engine, send one prompt per request", param="prompt")
+        if req.style is not None or "/" in req.model:
+            raise APIError(400, "styles are served locally only (not forwarded to a backend engine)", param="style")
         release = self._acquire(unit)
         streaming = False
         try:

