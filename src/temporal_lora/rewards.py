@@ -19,6 +19,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from temporal_lora.errors import InputError
+
 REWARDS = ("plain", "formal", "concise")
 MIN_WORDS = 5
 FLOOR = -100.0  # empty, truncated or otherwise unusable answers
@@ -119,8 +121,6 @@ def penalties(text: str) -> tuple[float, float, float]:
 def score(reward: str, completion: str) -> Score:
     """Score `completion` with the built-in reward `reward` (see REWARDS)."""
     if reward not in REWARDS:
-        from temporal_lora.errors import InputError
-
         raise InputError(f"unknown reward {reward!r}; built-in rewards: {', '.join(REWARDS)}")
     text = complete_sentences(completion)
     if not text:

@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 
 from temporal_lora.adapters import save_peft_adapters
+from temporal_lora.backbone import fingerprint
 from temporal_lora.bundle import safe_path
 from temporal_lora.corpora import load_domain, source_paths
 from temporal_lora.data import chunk_documents
 from temporal_lora.errors import BundleError, CorpusError, InputError
 from temporal_lora.evolve.common import Addition
-from temporal_lora.rewards import REWARDS, score
+from temporal_lora.rewards import REWARDS, complete_sentences, score, words
 from temporal_lora.routing.hierarchy import route_name
 from temporal_lora.routing.styles import AUTO, NONE
 from temporal_lora.storage import read_splits, read_styles, style_folder
@@ -130,8 +131,6 @@ def check_pair_lengths(pairs: list[dict], tokenizer, limit: int, what: str) -> N
 def domain_prompts(tokenizer, docs, n: int, tokens: int, seed: int) -> list[str]:
     """`n` prompts of about `tokens` tokens from `docs`, each cut after its last whole sentence
     when that keeps at least half of it (the answer then starts a sentence)."""
-    from temporal_lora.rewards import complete_sentences, words
-
     windows = chunk_documents(docs, tokenizer, block_size=tokens, max_chunks=n, seed=seed)
     prompts = []
     for ids in windows:
@@ -338,8 +337,6 @@ def add_style(bundle: str | Path, domain: str, name: str, *, preferences: str | 
             summary = train_dpo(policy, tokenizer, pairs, cfg, work, progress=progress)
             save_peft_adapters(policy, work / name, selected_adapters=["default"])
             policy.unload()
-        from temporal_lora.backbone import fingerprint
-
         if fingerprint(add.model) != manifest["base_model"]["fingerprint"]:
             raise RuntimeError("base model weights changed during style training")
         if user_pairs is None:
