@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="quick", choices=["quick", "full"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--router-features", default=None,
-                   help="'embeddings' or 'hidden:LAYER' (default: hidden state of the middle layer)")
+                   help="'embeddings', 'hidden:LAYER' or 'hidden:L1,L2' (default: layer 12 of SmolLM2's 30)")
     p.add_argument("--abstain-threshold", type=float, default=None,
                    help="calibrated confidence below which the plain base model answers (default 0: never)")
 

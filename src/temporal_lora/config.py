@@ -25,10 +25,11 @@ class AdapterConfig:
 class RouterConfig:
     """The gating network and where its features come from."""
 
-    # "embeddings" (mean-pooled input embeddings, the method's sketch) or "hidden:L" (mean-pooled
-    # output of decoder layer L; L=-1 picks a lower-middle layer, 8 of SmolLM2's 30). Hidden states
-    # generalise far better than embeddings to text from other sources (DESIGN.md); on our held-out
-    # documents layer 8 routed as well as layer 15 or deeper while costing about half as much.
+    # "embeddings" (mean-pooled input embeddings, the method's sketch), "hidden:L" (mean-pooled
+    # output of decoder layer L; L=-1 picks the default routing layer, 12 of SmolLM2's 30) or
+    # "hidden:L1,L2" (several layers side by side). Hidden states generalise far better than
+    # embeddings to text from other sources (DESIGN.md); layer 12 routed questions and unseen sources
+    # best at 1.4x layer 8's cost (benchmarks/results/routing/generalisation.md).
     features: str = "hidden:-1"
     hidden_dim: int = 128  # 0 means plain logistic regression
     max_tokens: int = 128  # the router reads at most this many leading tokens

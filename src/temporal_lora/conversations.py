@@ -11,11 +11,11 @@ The router learns from the user turns, which is what it sees at serving time.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from temporal_lora.errors import CorpusError, InputError
+from temporal_lora.text import read_jsonl
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100
@@ -61,20 +61,7 @@ def parse_conversation(record: object, where: str) -> Conversation:
 def read_conversations(path: str | Path) -> list[Conversation]:
     """Every conversation of a JSONL file (blank lines skipped); one clear error on a bad line."""
     file = Path(path)
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CorpusError(f"cannot read conversations from {file}: {exc}") from exc
-    out = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{file}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CorpusError(f"{where}: not valid JSON ({exc.msg})") from exc
-        out.append(parse_conversation(record, where))
+    out = [parse_conversation(record, where) for where, record in read_jsonl(file, CorpusError, "conversations")]
     if not out:
         raise CorpusError(f"{file} holds no conversations")
     return out

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
-from temporal_lora.errors import InputError
+from temporal_lora.errors import InputError, TemporalLoRAError
 
 
 def tokenize(tokenizer, text: str, what: str) -> list[int]:
@@ -35,3 +38,23 @@ def pad_batch(seqs: list[list[int]], pad_id: int, *, left: bool) -> tuple[torch.
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
     return ids, mask
+
+
+def read_jsonl(path: str | Path, error: type[TemporalLoRAError], what: str) -> list[tuple[str, object]]:
+    """(`file:line`, parsed object) for every non-blank line of a JSONL file; an unreadable file or a
+    line that is not JSON raises `error` with one clear message naming `what` the file should hold."""
+    file = Path(path)
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"cannot read {what} from {file}: {exc}") from exc
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{file}:{lineno}"
+        try:
+            records.append((where, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise error(f"{where}: not valid JSON ({exc.msg})") from exc
+    return records

@@ -34,7 +34,7 @@ from temporal_lora.rewards import REWARDS, complete_sentences, score, words
 from temporal_lora.routing.hierarchy import route_name
 from temporal_lora.routing.styles import AUTO, NONE
 from temporal_lora.storage import read_splits, read_styles, style_folder
-from temporal_lora.text import pad_batch, tokenize
+from temporal_lora.text import pad_batch, read_jsonl, tokenize
 from temporal_lora.train import validate_domains
 from temporal_lora.versions import commit, copy_files
 
@@ -87,18 +87,7 @@ def read_preferences(path: str | Path) -> list[dict]:
     if not file.is_file():
         raise InputError(f"preference file {file} does not exist")
     pairs = []
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"preference file {file} is not readable UTF-8 text ({exc})") from exc
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{file}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{where}: not valid JSON ({exc.msg})") from exc
+    for where, record in read_jsonl(file, InputError, "preference pairs"):
         if not isinstance(record, dict):
             raise InputError(f"{where}: expected an object with prompt, chosen and rejected")
         for key in PREFERENCE_FIELDS:

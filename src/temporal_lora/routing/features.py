@@ -29,11 +29,20 @@ def resolve_feature_spec(spec: str, n_layers: int) -> str:
     for layer in layers.split(","):
         index = int(layer)
         if index == -1:
-            index = n_layers // 4 + 1  # 8 of 30 for SmolLM2, 2 of 4 for the tiny test models
+            index = default_layer(n_layers)
         if not 1 <= index <= n_layers:
             raise InputError(f"router layer {index} out of range 1..{n_layers}")
         indices.append(index)
     return "hidden:" + ",".join(str(i) for i in indices)
+
+
+def default_layer(n_layers: int) -> int:
+    """The layer `hidden:-1` reads: 12 of SmolLM2's 30 (2 of 4 for the tiny test models).
+
+    Layer 12 routed questions and text from unseen sources best among layers 4-16 and their
+    concatenations at 1.4x layer 8's latency (benchmarks/results/routing/generalisation.md);
+    bundles trained with layer 8 record `hidden:8` and keep it."""
+    return max(n_layers // 4 + 1, (2 * n_layers) // 5)
 
 
 def feature_layers(spec: str) -> list[int]:
