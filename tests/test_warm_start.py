@@ -62,3 +62,31 @@ def test_nearest_takes_the_domain_the_router_prefers(tmp_path):
     assert info["init"] == "blend" and (start / "adapter_model.safetensors").is_file()
     with pytest.raises(InputError, match="unknown init"):
         warm_start("random", affinity, folders, tmp_path)
+
+
+@pytest.mark.parametrize("init", ["nearest", "blend"])
+def test_add_domain_with_a_warm_start(tiny_bundle, tmp_path, init):
+    """The new adapter starts from old adapters; they stay byte-identical and the manifest says how."""
+    import shutil
+
+    from support.tiny import TINY_DOMAINS, tiny_config
+
+    from temporal_lora.bundle import read_manifest
+    from temporal_lora.evolve import add_domain
+
+    dst = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, dst)
+    before = read_manifest(dst)["files"]
+    add_domain(dst, "medical", config=tiny_config(), init=init, progress=False, log=lambda *a: None)
+    manifest = read_manifest(dst)
+    for rel, digest in before.items():
+        if rel.startswith("adapters/") and "/medical/" not in rel and rel != "adapters/README.md":
+            assert manifest["files"][rel] == digest
+    training = manifest["adapters"]["medical"]["training"]
+    assert training["init"] == init and set(training["affinity"]) == set(TINY_DOMAINS)
+    assert abs(sum(training["affinity"].values()) - 1) < 1e-4
+    if init == "nearest":
+        assert training["init_from"] == max(training["affinity"], key=training["affinity"].get)
+    with pytest.raises(InputError, match="unknown init"):
+        add_domain(dst, "technical", config=tiny_config(), init="random", progress=False, log=lambda *a: None)
+    assert read_manifest(dst)["version"] == manifest["version"]  # a bad init changes nothing

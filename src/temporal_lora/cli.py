@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", type=Path, help="folder of .txt/.md files or a JSONL file with a 'text' field")
     src.add_argument("--corpus", help="a built-in corpus (its name must equal --name)")
+    p.add_argument("--init", default="base", choices=["base", "nearest", "blend"],
+                   help="where the new adapter starts: a fresh LoRA (default), the adapter of the old domain the "
+                        "router finds closest, or the router-weighted blend of the old adapters")
     p.add_argument("--budget", default=None, choices=["quick", "full"], help="default: the bundle's budget")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -323,7 +326,7 @@ def cmd_add_domain(args) -> None:
     from temporal_lora.evolve import add_domain
 
     report = add_domain(args.bundle, args.name, data=args.data, corpus=args.corpus, budget=args.budget,
-                        seed=args.seed)
+                        seed=args.seed, init=args.init)
     if args.json:
         print(json.dumps(report, indent=2))
         return

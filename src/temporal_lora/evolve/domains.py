@@ -17,11 +17,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from temporal_lora.bundle import read_manifest
+from temporal_lora.bundle import read_manifest, safe_path
 from temporal_lora.config import RouterConfig, TrainConfig, router_prefix_lengths
 from temporal_lora.corpora import source_paths
 from temporal_lora.errors import BundleError, CorpusError, InputError
 from temporal_lora.evolve.common import Addition, bundle_train_config, load_base_for
+from temporal_lora.evolve.warm_start import check_init, router_affinity, warm_start
 from temporal_lora.routing.gating import GatingNetwork, fit_router
 from temporal_lora.routing.replay import domain_features, replay_accuracy
 from temporal_lora.storage import (
@@ -42,13 +43,17 @@ from temporal_lora.versions import commit, copy_files
 
 def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None, corpus: str | None = None,
                budget: str | None = None, seed: int | None = None, config: TrainConfig | None = None,
-               base: str | None = None, progress: bool = True, log=print) -> dict:
+               base: str | None = None, init: str = "base", progress: bool = True, log=print) -> dict:
     """Train an adapter for `name` (from `data` or the built-in `corpus`), refit the router, save a new version.
 
-    Returns a report: timing (adapter vs router), the router's accuracy on the old domains'
+    `init` is where the new adapter starts (evolve/warm_start.py): `base` (a fresh LoRA), `nearest`
+    (the adapter of the old domain the router finds closest to the new text) or `blend` (the
+    router-weighted average of the old adapters); the manifest records it. Returns a report: timing (adapter vs router), the router's accuracy on the old domains'
     stored validation features before and after, and the new version number.
     """
-    add = Addition(bundle, budget=budget, seed=seed, config=config)
+    check_init(init)
+    # Starting from an existing adapter needs its LoRA shape.
+    add = Addition(bundle, budget=budget, seed=seed, config=config, keep_adapter_shape=init != "base")
     bundle, manifest, cfg = add.bundle, add.manifest, add.cfg
     old_domains = list(manifest["domains"])
     if name in old_domains:
@@ -79,14 +84,21 @@ def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None,
     # The new adapter is trained in the system temp dir, so a killed run leaves nothing beside the bundle.
     work = Path(tempfile.mkdtemp(prefix=f"tlora-add-{name}-"))
     try:
-        log(f"training adapter '{name}' on {len(train_chunks)} chunks of {cfg.block_size} tokens ({cfg.steps} steps)")
-        summary = add.train(train_chunks, work / name, name, progress=progress)
-
-        log("refitting the router on the replay memory plus the new domain")
+        # The router's features are the frozen base model's: computed before training, they also tell
+        # a warm start which old domains the new text is like.
         with add.timed("router_features"):
             pad = add.tokenizer.pad_token_id if add.tokenizer.pad_token_id is not None else 0
             replay[name] = domain_features(add.model, add.spec, rt.train, rt.calib, lengths, rt.short,
                                            rt.short_calib, pad_id=pad)
+        old_router = load_router(bundle, manifest["router"], len(old_domains))
+        affinity = router_affinity(old_router, replay[name]["train"], old_domains)
+        folders = {d: safe_path(bundle, manifest["adapters"][d]["path"]) for d in old_domains}
+        init_from, init_info = warm_start(init, affinity, folders, work)
+        log(f"training adapter '{name}' on {len(train_chunks)} chunks of {cfg.block_size} tokens ({cfg.steps} steps, "
+            f"init {init}{' from ' + init_info['init_from'] if 'init_from' in init_info else ''})")
+        summary = add.train(train_chunks, work / name, name, progress=progress, init_from=init_from)
+
+        log("refitting the router on the replay memory plus the new domain")
         domains = [*old_domains, name]
         with add.timed("router_fit"):
             ex_items, ex_feats, ex_weight = _examples(bundle, manifest, domains)
@@ -96,12 +108,12 @@ def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None,
 
         labels = {d: i for i, d in enumerate(old_domains)}
         old_replay = {d: replay[d] for d in old_domains}
-        before = replay_accuracy(load_router(bundle, manifest["router"], len(old_domains)), old_replay, labels)
+        before = replay_accuracy(old_router, old_replay, labels)
         after = replay_accuracy(router, old_replay, labels)
 
         splits = read_splits(bundle, manifest.get("data"))
         splits[name] = dd.split_summary() | ({"router_sources": rt.sources} if rt.sources else {})
-        training = summary | {"source": dd.source, "seed": cfg.seed}
+        training = summary | {"source": dd.source, "seed": cfg.seed} | init_info
 
         def fill(tmp: Path, old: dict) -> dict:
             new = json.loads(json.dumps(old))
