@@ -90,3 +90,32 @@ def test_add_domain_with_a_warm_start(tiny_bundle, tmp_path, init):
     with pytest.raises(InputError, match="unknown init"):
         add_domain(dst, "technical", config=tiny_config(), init="random", progress=False, log=lambda *a: None)
     assert read_manifest(dst)["version"] == manifest["version"]  # a bad init changes nothing
+
+
+def test_train_with_a_shared_seed_phase(tiny_llama, tiny_bundle, tmp_path, capsys):
+    """`tlora train --init shared`: every adapter starts from one adapter trained on the union."""
+    from support.tiny import TINY_DOMAINS, tiny_config
+
+    from temporal_lora.bundle import read_manifest
+    from temporal_lora.cli import main
+    from temporal_lora.train import train_bundle
+
+    out = tmp_path / "shared"
+    train_bundle(TINY_DOMAINS, out, base=str(tiny_llama), config=tiny_config(), init="shared", progress=False,
+                 log=lambda *a: None)
+    manifest, plain = read_manifest(out), read_manifest(tiny_bundle)
+    for d in TINY_DOMAINS:
+        assert manifest["adapters"][d]["training"]["init"] == "shared"
+        rel = f"adapters/{d}/adapter_model.safetensors"
+        assert manifest["files"][rel] != plain["files"][rel]  # same data and seed, another start
+    with pytest.raises(SystemExit):  # argparse refuses an unknown choice
+        main(["train", "--domains", "code", "--out", str(tmp_path / "x"), "--init", "random"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_train_refuses_an_unknown_init(tmp_path):
+    from temporal_lora.train import train_bundle
+
+    with pytest.raises(InputError, match="unknown init"):
+        train_bundle(["code"], tmp_path / "x", init="random")
+    assert not (tmp_path / "x").exists()

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_base(p)
     p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
                    help="corpus for a domain: folder of .txt/.md files or JSONL with a 'text' field (repeatable)")
+    p.add_argument("--init", default="base", choices=["base", "shared"],
+                   help="shared: first one adapter on the union of the domains (a seed phase of the same "
+                        "number of steps), then every domain's adapter starts from it (default: fresh LoRAs)")
     p.add_argument("--budget", default="quick", choices=["quick", "full"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--router-features", default=None,
@@ -247,7 +250,7 @@ def cmd_train(args) -> None:
     data = dict(parse_data_spec(spec) for spec in args.data)
     tl = train_bundle(_domains(args.domains), args.out, base=args.base, data=data, budget=args.budget,
                       seed=args.seed, router_features=args.router_features,
-                      abstain_threshold=args.abstain_threshold)
+                      abstain_threshold=args.abstain_threshold, init=args.init)
     print(f"bundle written to {args.out} (domains: {', '.join(tl.domains)}; router: {tl.feature_spec})")
 
 

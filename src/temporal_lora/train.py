@@ -27,6 +27,7 @@ from temporal_lora.routing.gating import GatingNetwork, fit_router
 from temporal_lora.routing.replay import domain_features
 from temporal_lora.text import tokenize
 
+TRAIN_INITS = ("base", "shared")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
@@ -188,10 +189,18 @@ def train_bundle(
     router_features: str | None = None,
     abstain_threshold: float | None = None,
     config: TrainConfig | None = None,
+    init: str = "base",
     progress: bool = True,
     log=print,
 ) -> TemporalLoRA:
-    """Train one adapter per domain on the frozen base, then the router; save the bundle to `out`."""
+    """Train one adapter per domain on the frozen base, then the router; save the bundle to `out`.
+
+    `init="shared"` first trains one adapter for `steps` steps on the union of the domains' training
+    chunks (Branch-Train-Merge's seed phase) and starts every domain's adapter from it; `"base"`
+    starts each from a fresh LoRA. The manifest records each adapter's init.
+    """
+    if init not in TRAIN_INITS:
+        raise InputError(f"unknown init {init!r}; choose from {', '.join(TRAIN_INITS)}")
     out = Path(out)
     data = {k: Path(v) for k, v in (data or {}).items()}
     domains = validate_domains(list(domains))
@@ -226,21 +235,36 @@ def train_bundle(
         work.mkdir(parents=True)
     state.wait_for_everyone()
     try:
-        for i, (name, dd) in enumerate(datasets.items()):
+        train_chunks = {}
+        for name, dd in datasets.items():
             t0 = time.perf_counter()
             n_train = cfg.steps * cfg.batch_size
-            train_chunks = chunks_tensor(dd.splits.train, tokenizer, cfg, n_train, cfg.seed, f"{name} train split")
+            train_chunks[name] = chunks_tensor(dd.splits.train, tokenizer, cfg, n_train, cfg.seed,
+                                               f"{name} train split")
             rt = router_text(dd, tokenizer, cfg, builtin=name not in data, log=log)
             router_data[name] = (rt.train, rt.calib)
             router_short[name] = (rt.short, rt.short_calib)
+            splits_info[name] = dd.split_summary() | ({"router_sources": rt.sources} if rt.sources else {})
             timing[f"chunk_{name}"] = time.perf_counter() - t0
-            log(f"[{i + 1}/{len(datasets)}] training adapter '{name}' on {len(train_chunks)} chunks "
+        seed_dir, seed_info = None, {"init": "base"}
+        if init == "shared":
+            # Round-robin over the domains, so every step of the seed phase sees all of them.
+            union = [row for rows in zip(*(c.tolist() for c in train_chunks.values()), strict=False)
+                     for row in rows][: cfg.steps * cfg.batch_size]
+            log(f"shared seed phase: one adapter on the union of {len(domains)} domains ({cfg.steps} steps)")
+            t0 = time.perf_counter()
+            seed_dir = work / ".shared-seed"  # '.' starts no domain name
+            train_adapter(model, union, seed_dir, cfg, desc="shared", progress=progress)
+            timing["adapter_shared_seed"] = time.perf_counter() - t0
+            seed_info = {"init": "shared", "shared_steps": cfg.steps}
+        for i, (name, dd) in enumerate(datasets.items()):
+            log(f"[{i + 1}/{len(datasets)}] training adapter '{name}' on {len(train_chunks[name])} chunks "
                 f"of {cfg.block_size} tokens ({cfg.steps} steps)")
             t0 = time.perf_counter()
-            summary = train_adapter(model, train_chunks.tolist(), work / name, cfg, desc=name, progress=progress)
+            summary = train_adapter(model, train_chunks[name].tolist(), work / name, cfg, desc=name,
+                                    progress=progress, init_from=seed_dir)
             timing[f"adapter_{name}"] = time.perf_counter() - t0
-            training[name] = summary | {"source": dd.source, "seed": cfg.seed}
-            splits_info[name] = dd.split_summary() | ({"router_sources": rt.sources} if rt.sources else {})
+            training[name] = summary | {"source": dd.source, "seed": cfg.seed} | seed_info
         if fingerprint(model) != base_fp:  # adapters must never touch the base
             raise RuntimeError("base model weights changed during adapter training")
 
