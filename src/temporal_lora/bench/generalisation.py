@@ -27,6 +27,7 @@ from temporal_lora.corpora import BUILTIN_DOMAINS
 from temporal_lora.corpora.sources import PRIMARY, SOURCES, load_source, sources_of
 from temporal_lora.corpora.views import questions_in, short_views
 from temporal_lora.data import chunk_documents, dedupe, split_documents
+from temporal_lora.questions import generate_questions
 from temporal_lora.routing.features import pool_prefixes, token_features
 from temporal_lora.routing.gating import GatingNetwork, train_gating
 from temporal_lora.text import pad_batch
@@ -102,8 +103,6 @@ def _short_questions(tokenizer, questions: list[str]) -> list[str]:
 def generate_question_sets(model, tokenizer, budget: dict, seed: int = 0) -> dict:
     """Questions the instruct model writes about training documents (training rows, filtered) and
     about held-out sources' documents (a cross-source question test, filtered the same way)."""
-    from temporal_lora.questions import generate_questions
-
     out: dict = {"sets": {}, "stats": {}}
     for domain in BUILTIN_DOMAINS:
         for src in sources_of(domain, held_out=None):

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
 from temporal_lora.cache import atomic_write_text, cache_dir, fetch_package
+from temporal_lora.corpora.medline import all_articles
 from temporal_lora.corpora.registry import Document, load_builtin
 from temporal_lora.errors import CorpusError, FetchError
 
@@ -178,8 +179,6 @@ def icd10cm() -> list[Document]:
 def medline_titles(per_doc: int = 15) -> list[Document]:
     """PubMed article titles with their major MeSH topics, one line each, 15 articles per document:
     the short, heading-like register of the same literature (titles that are questions included)."""
-    from temporal_lora.corpora.medline import all_articles
-
     lines = []
     for article in all_articles():
         if article.title:

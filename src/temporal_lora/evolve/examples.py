@@ -17,6 +17,7 @@ from pathlib import Path
 from temporal_lora.bundle import read_manifest
 from temporal_lora.config import RouterConfig, TrainConfig
 from temporal_lora.errors import BundleError, InputError
+from temporal_lora.model import TemporalLoRA
 from temporal_lora.routing.gating import fit_router
 from temporal_lora.storage import (
     ROUTER_DIR,
@@ -64,8 +65,6 @@ def add_examples(bundle: str | Path, domain: str, texts: list[str], *, weight: f
     if not new:
         return {"version": manifest.get("version"), "added": 0, "examples": len(items), "changed": False}
     _check_replay(bundle, manifest)
-    from temporal_lora.model import TemporalLoRA
-
     tl = TemporalLoRA.from_pretrained(bundle, base=base)
     pooled = tl.route_features(tl.encode([i["text"] for i in new]))
     feats = dict(feats) | {i["id"]: pooled[k] for k, i in enumerate(new)}
