@@ -38,9 +38,9 @@ from temporal_lora.routing.decisions import (
     named_row,
     plan_routes,
 )
-from temporal_lora.routing.features import pool_prefixes, token_features
 from temporal_lora.routing.gating import GatingNetwork
 from temporal_lora.routing.hierarchy import Hierarchy, adapter_name, route_name
+from temporal_lora.routing.replay import text_features
 from temporal_lora.routing.styles import Styles
 from temporal_lora.storage import (
     ROUTER_DIR,
@@ -155,31 +155,34 @@ class TemporalLoRA:
         return tl
 
     def attach_subdomains(self, bundle: Path, hierarchy: Hierarchy) -> None:
-        """Load subdomain adapters onto this model; the mixer then holds domains first, subdomains after."""
+        """Load subdomain adapters onto this model (the mixer: domains, subdomains, then styles)."""
+        folders = {}
         for parent, sub in hierarchy.subs.items():
             for child in sub.children:
                 folder = safe_path(bundle, hierarchy.entries[parent]["adapters"][child]["path"])
                 if not (folder / "adapter_model.safetensors").is_file():
                     raise BundleError(f"subdomain adapter {route_name(parent, child)!r} has no "
                                       "adapter_model.safetensors")
-                self.peft_model.load_adapter(str(folder), adapter_name=adapter_name(parent, child))
-        self.peft_model.eval()
-        self.mixer.remove()
-        self.mixer = AdapterMixer(self.peft_model, self.domains + hierarchy.adapter_names()
-                                  + (self.styles.adapter_names() if self.styles else []))
+                folders[adapter_name(parent, child)] = folder
         self.hierarchy = hierarchy
+        self._load_adapters(folders)
 
     def attach_styles(self, bundle: Path, styles: Styles) -> None:
-        """Load style adapters onto this model; the mixer holds domains, subdomains, then styles."""
-        for domain, entry in styles.entries.items():
-            for style, info in entry.get("adapters", {}).items():
-                self.peft_model.load_adapter(str(safe_path(bundle, info["path"])),
-                                             adapter_name=adapter_name(domain, style))
+        """Load style adapters onto this model (the mixer: domains, subdomains, then styles)."""
+        self.styles = styles
+        self._load_adapters({adapter_name(domain, style): safe_path(bundle, info["path"])
+                             for domain, entry in styles.entries.items()
+                             for style, info in entry.get("adapters", {}).items()})
+
+    def _load_adapters(self, folders: dict[str, Path]) -> None:
+        """Load PEFT adapter folders under the given names, then rebuild the mixer in its fixed order."""
+        for name, folder in folders.items():
+            self.peft_model.load_adapter(str(folder), adapter_name=name)
         self.peft_model.eval()
         self.mixer.remove()
         subs = self.hierarchy.adapter_names() if self.hierarchy else []
-        self.mixer = AdapterMixer(self.peft_model, self.domains + subs + styles.adapter_names())
-        self.styles = styles
+        styles = self.styles.adapter_names() if self.styles else []
+        self.mixer = AdapterMixer(self.peft_model, self.domains + subs + styles)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the bundle atomically (temp dir + rename). Returns the path."""
@@ -268,15 +271,10 @@ class TemporalLoRA:
     @torch.no_grad()
     def route_features(self, ids: list[list[int]], batch_size: int = 16) -> torch.Tensor:
         """Pooled base-model features [n, dim] the routers read (first max_tokens of each input)."""
-        out = []
         limit = self.router_config.max_tokens
-        for start in range(0, len(ids), batch_size):
-            batch = [seq[:limit] for seq in ids[start : start + batch_size]]
-            input_ids, mask = pad_batch(batch, self.tokenizer.pad_token_id, left=False)
-            with self.mixer.weights(None):
-                feats = token_features(self.model, self.feature_spec, input_ids, mask)
-            out.append(pool_prefixes(feats, mask))
-        return torch.cat(out)
+        with self.mixer.weights(None):
+            return text_features(self.model, self.feature_spec, [seq[:limit] for seq in ids],
+                                 self.tokenizer.pad_token_id, batch_size)
 
     @torch.no_grad()
     def route_probs(self, ids: list[list[int]], batch_size: int = 16) -> torch.Tensor:

@@ -169,20 +169,27 @@ def write_subrouter(root: Path, entry: dict, sub: SubRouter, replay: dict, lengt
 
 def write_hierarchy(hierarchy: Hierarchy, peft_model, root: Path) -> dict:
     """Write subadapters/ and subrouters/ under `root`; return the manifest's `subdomains` entry."""
-    stage = root / ".subadapters-stage"
-    names = hierarchy.adapter_names()
-    if names:
-        save_peft_adapters(peft_model, stage, selected_adapters=names)
     entries = json.loads(json.dumps(hierarchy.entries))
+    save_adapters_at(peft_model, root, {adapter_name(parent, child): entries[parent]["adapters"][child]["path"]
+                                        for parent, sub in hierarchy.subs.items() for child in sub.children})
     for parent, sub in hierarchy.subs.items():
-        for child in sub.children:
-            folder = root / entries[parent]["adapters"][child]["path"]
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(stage / adapter_name(parent, child)), str(folder))
         write_subrouter(root, entries[parent], sub, hierarchy.replay[parent], hierarchy.lengths[parent],
                         hierarchy.splits.get(parent, {}))
-    shutil.rmtree(stage, ignore_errors=True)
     return entries
+
+
+def save_adapters_at(peft_model, root: Path, places: dict[str, str]) -> None:
+    """Save the named adapters of `peft_model` as PEFT folders at `root/<place>` (paths the manifest
+    records). PEFT saves extra adapters under their names in one folder; they are moved from there."""
+    if not places:
+        return
+    stage = root / ".adapters-stage"
+    save_peft_adapters(peft_model, stage, selected_adapters=list(places))
+    for name, rel in places.items():
+        folder = root / rel
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(stage / name), str(folder))
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------ styles
@@ -206,14 +213,7 @@ def read_styles(bundle: Path, manifest: dict) -> Styles:
 
 def write_styles(styles: Styles, peft_model, root: Path) -> dict:
     """Write styles/ under `root` (save_pretrained); return the manifest's `styles` entry."""
-    stage = root / ".styles-stage"
-    names = styles.adapter_names()
-    if names:
-        save_peft_adapters(peft_model, stage, selected_adapters=names)
-    for domain, entry in styles.entries.items():
-        for style, info in entry.get("adapters", {}).items():
-            folder = root / info["path"]
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(stage / adapter_name(domain, style)), str(folder))
-    shutil.rmtree(stage, ignore_errors=True)
+    save_adapters_at(peft_model, root, {adapter_name(domain, style): info["path"]
+                                        for domain, entry in styles.entries.items()
+                                        for style, info in entry.get("adapters", {}).items()})
     return json.loads(json.dumps(styles.entries))

@@ -139,6 +139,15 @@ def start_server(bundle: Path, port: int, max_batch: int, clients: int,
         time.sleep(0.5)
 
 
+def prepare(bundle: Path, n_requests: int, max_tokens: int) -> tuple[list[dict], int, str]:
+    """Offline, quiet library logs; the distinct requests; a free loopback port and its URL."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    requests = build_requests(bundle, n_requests, max_tokens)
+    port = free_port()
+    return requests, port, f"http://127.0.0.1:{port}"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, default=Path("runs/demo/bundle"))
@@ -149,12 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--out", type=Path, default=Path("runs/bench/load"))
     args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-    requests = build_requests(args.bundle, args.requests, args.max_tokens)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    requests, port, url = prepare(args.bundle, args.requests, args.max_tokens)
     proc = start_server(args.bundle, port, args.max_batch, args.clients)
     try:
         refs, ref_wall = asyncio.run(references(url, requests))

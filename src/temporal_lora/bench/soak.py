@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from temporal_lora.bench.load import build_requests, free_port, references, send, start_server
+from temporal_lora.bench.load import prepare, references, send, start_server
 
 
 class Tally:
@@ -114,12 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--out", type=Path, default=Path("runs/bench/soak"))
     args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-    requests = build_requests(args.bundle, args.requests, args.max_tokens)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    requests, port, url = prepare(args.bundle, args.requests, args.max_tokens)
     proc = start_server(args.bundle, port, max_batch=16, clients=args.clients, max_concurrency=args.limit)
     server = psutil.Process(proc.pid)
     mb = lambda: round(server.memory_info().rss / 2**20, 1)  # noqa: E731

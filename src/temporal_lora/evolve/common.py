@@ -4,8 +4,10 @@ new text's chunks, and one adapter trained on them without touching the base."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +19,7 @@ from temporal_lora.backbone import fingerprint, load_backbone
 from temporal_lora.bundle import read_manifest
 from temporal_lora.config import BUDGETS, RouterConfig, TrainConfig, budget_config
 from temporal_lora.data import Splits
-from temporal_lora.errors import BaseModelMismatchError
+from temporal_lora.errors import BaseModelMismatchError, BundleError
 from temporal_lora.train import chunks_tensor
 
 
@@ -100,3 +102,21 @@ class Addition:
     def rounded_timing(self) -> dict[str, float]:
         return {k: round(v, 2) for k, v in self.timing.items()}
 
+
+def place_adapter(trained: Path, root: Path, rel: str, training: dict) -> dict:
+    """Copy a freshly trained PEFT adapter folder to `root/rel` in the version being built; returns
+    its manifest entry ({"path", "config", "training"})."""
+    folder = root / rel
+    folder.mkdir(parents=True)
+    for file in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copyfile(trained / file, folder / file)
+    return {"path": rel, "config": json.loads((folder / "adapter_config.json").read_text()), "training": training}
+
+
+def check_kept(old_files: dict[str, str], new_files: dict[str, str], kept: Callable[[str], bool],
+               noun: str, change: str) -> None:
+    """Every old file that `kept` says stays must have exactly its old checksum in the new version
+    (the promise of every change: nothing else is touched)."""
+    for rel, digest in old_files.items():
+        if kept(rel) and new_files.get(rel) != digest:
+            raise BundleError(f"{noun} {rel} changed while {change}")

@@ -21,7 +21,13 @@ from temporal_lora.bundle import read_manifest, safe_path
 from temporal_lora.config import RouterConfig, TrainConfig, router_prefix_lengths
 from temporal_lora.corpora import source_paths
 from temporal_lora.errors import BundleError, CorpusError, InputError
-from temporal_lora.evolve.common import Addition, bundle_train_config, load_base_for
+from temporal_lora.evolve.common import (
+    Addition,
+    bundle_train_config,
+    check_kept,
+    load_base_for,
+    place_adapter,
+)
 from temporal_lora.evolve.warm_start import check_init, router_affinity, warm_start
 from temporal_lora.routing.gating import GatingNetwork, fit_router
 from temporal_lora.routing.replay import domain_features, replay_accuracy
@@ -118,14 +124,8 @@ def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None,
         def fill(tmp: Path, old: dict) -> dict:
             new = json.loads(json.dumps(old))
             copy_domain_files(bundle, old, old_domains, tmp)
-            folder = tmp / "adapters" / name
-            folder.mkdir(parents=True)
-            for file in ("adapter_config.json", "adapter_model.safetensors"):
-                shutil.copyfile(work / name / file, folder / file)
             new["domains"] = domains
-            new["adapters"][name] = {"path": f"adapters/{name}",
-                                     "config": json.loads((folder / "adapter_config.json").read_text()),
-                                     "training": training}
+            new["adapters"][name] = place_adapter(work / name, tmp, f"adapters/{name}", training)
             _write_refit(tmp, new, router, router_summary, replay, domains, lengths, splits)
             write_examples(tmp, new, ex_items, ex_feats, ex_weight)
             return new
@@ -241,9 +241,6 @@ def _write_refit(tmp: Path, manifest: dict, router: GatingNetwork, summary: dict
 
 
 def check_unchanged(old: dict, new: dict, domains: list[str]) -> None:
-    """Every kept adapter file must have exactly its old checksum (the promise of add/remove-domain)."""
-    for d in domains:
-        prefix = f"{old['adapters'][d]['path']}/"
-        for rel, digest in old["files"].items():
-            if rel.startswith(prefix) and new["files"].get(rel) != digest:
-                raise BundleError(f"adapter file {rel} changed while editing the bundle")
+    """Every kept domain's adapter files must have exactly their old checksums (add/remove-domain)."""
+    prefixes = tuple(f"{old['adapters'][d]['path']}/" for d in domains)
+    check_kept(old["files"], new["files"], lambda rel: rel.startswith(prefixes), "adapter file", "editing the bundle")

@@ -29,7 +29,7 @@ from temporal_lora.bundle import safe_path
 from temporal_lora.corpora import load_domain, source_paths
 from temporal_lora.data import chunk_documents
 from temporal_lora.errors import BundleError, CorpusError, InputError
-from temporal_lora.evolve.common import Addition
+from temporal_lora.evolve.common import Addition, check_kept, place_adapter
 from temporal_lora.rewards import REWARDS, complete_sentences, score, words
 from temporal_lora.routing.hierarchy import route_name
 from temporal_lora.routing.styles import AUTO, NONE
@@ -336,16 +336,10 @@ def add_style(bundle: str | Path, domain: str, name: str, *, preferences: str | 
         def fill(tmp: Path, old_manifest: dict) -> dict:
             new = json.loads(json.dumps(old_manifest))
             copy_files(bundle, list(old_manifest["files"]), tmp)
-            folder = tmp / style_folder(domain, name)
-            folder.mkdir(parents=True)
-            for file in ("adapter_config.json", "adapter_model.safetensors"):
-                shutil.copyfile(work / name / file, folder / file)
-            if user_pairs is None:
-                shutil.copyfile(work / "pairs.jsonl", folder / "pairs.jsonl")
             entry = new.setdefault("styles", {}).setdefault(domain, {"default": None, "adapters": {}})
-            entry["adapters"][name] = {"path": style_folder(domain, name),
-                                       "config": json.loads((folder / "adapter_config.json").read_text()),
-                                       "training": training}
+            entry["adapters"][name] = place_adapter(work / name, tmp, style_folder(domain, name), training)
+            if user_pairs is None:
+                shutil.copyfile(work / "pairs.jsonl", tmp / style_folder(domain, name) / "pairs.jsonl")
             if make_default:
                 entry["default"] = name
             return new
@@ -355,9 +349,7 @@ def add_style(bundle: str | Path, domain: str, name: str, *, preferences: str | 
                                            "source": reward and f"reward:{reward}" or "preferences"})
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    for rel, digest in manifest["files"].items():  # the promise: nothing else changed
-        if result["files"].get(rel) != digest:
-            raise BundleError(f"bundle file {rel} changed while adding a style")
+    check_kept(manifest["files"], result["files"], lambda rel: True, "bundle file", "adding a style")
     timing = add.rounded_timing()
     return {"version": result["version"], "domain": domain, "style": name, "route": label,
             "default": result["styles"][domain]["default"], "source": source_info, "training": summary,

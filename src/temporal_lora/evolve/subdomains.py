@@ -18,8 +18,8 @@ from temporal_lora.config import TrainConfig, router_prefix_lengths
 from temporal_lora.corpora import load_user_corpus, source_of
 from temporal_lora.corpora.subdomains import load_builtin_subdomain
 from temporal_lora.data import split_like_parent
-from temporal_lora.errors import BundleError, InputError
-from temporal_lora.evolve.common import Addition
+from temporal_lora.errors import InputError
+from temporal_lora.evolve.common import Addition, check_kept, place_adapter
 from temporal_lora.routing.gating import fit_router
 from temporal_lora.routing.hierarchy import DEFAULT_FALLBACK, SubRouter, route_name
 from temporal_lora.routing.replay import domain_features, replay_accuracy
@@ -111,15 +111,9 @@ def add_subdomain(bundle: str | Path, parent: str, name: str, *, data: str | Pat
         def fill(tmp: Path, old_manifest: dict) -> dict:
             new = json.loads(json.dumps(old_manifest))
             copy_files(bundle, [r for r in old_manifest["files"] if not r.startswith(prefix)], tmp)
-            folder = tmp / subadapter_folder(parent, name)
-            folder.mkdir(parents=True)
-            for file in ("adapter_config.json", "adapter_model.safetensors"):
-                shutil.copyfile(work / name / file, folder / file)
             entry = new.setdefault("subdomains", {}).setdefault(
                 parent, {"children": [], "adapters": {}, "router": {}})
-            entry["adapters"][name] = {"path": subadapter_folder(parent, name),
-                                       "config": json.loads((folder / "adapter_config.json").read_text()),
-                                       "training": training}
+            entry["adapters"][name] = place_adapter(work / name, tmp, subadapter_folder(parent, name), training)
             entry["router"] = {"features": add.spec, "config": asdict(add.router_cfg),
                                "training": router_summary | {"prefix_lengths": list(lengths)}}
             write_subrouter(tmp, entry, new_sub, replay, lengths, sub_splits)
@@ -129,9 +123,9 @@ def add_subdomain(bundle: str | Path, parent: str, name: str, *, data: str | Pat
             result = commit(bundle, fill, {"change": "add-subdomain", "domain": label, "source": source})
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    for rel, digest in manifest["files"].items():  # the promise: nothing but the sub-router changed
-        if not rel.startswith(prefix) and result["files"].get(rel) != digest:
-            raise BundleError(f"bundle file {rel} changed while adding a subdomain")
+    # The promise: nothing but the parent's sub-router changed.
+    check_kept(manifest["files"], result["files"], lambda rel: not rel.startswith(prefix), "bundle file",
+               "adding a subdomain")
     return {"version": result["version"], "parent": parent, "subdomain": name, "children": children,
             "aligned_with_parent": aligned, "fallback_threshold": threshold, "router_training": router_summary,
             "adapter_training": summary, "split": {k: v for k, v in sub_splits[name].items() if not k.endswith("_ids")},

@@ -93,7 +93,8 @@ def apply_styles(styles: Styles | None, adapters: list[str], weights: torch.Tens
                 notes[row] = StyleChoice(req, None, None, "this bundle has no style adapters: style ignored")
         return weights, notes
     w = weights.clone()
-    style_cols = {a: i for i, a in enumerate(adapters) if a in set(styles.adapter_names())}
+    style_names = set(styles.adapter_names())
+    style_cols = {a: i for i, a in enumerate(adapters) if a in style_names}
     choices: list[StyleChoice | None] = []
     for row in range(n):
         nonzero = [int(i) for i in torch.nonzero(w[row]).flatten()]
