@@ -17,13 +17,14 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 LAYERS = [
     ["errors", "config", "meta", "text", "cache", "rewards"],
     ["corpora", "data", "conversations"],
-    ["backbone", "adapters", "mixing"],
+    ["backbone", "adapters", "mixing", "gguf_files", "llamacpp"],
     ["routing"],
     ["bundle", "storage", "model", "versions"],
     ["train", "evolve", "questions"],
     ["evaluate", "scoring"],
-    ["bench"],
-    ["cli", "server", "demo", "export", "segments", PACKAGE],
+    # bench sits beside the server: the engine benchmark drives the batching engines in-process
+    # (BENCH_IMPORTERS still keeps the server and everything else from importing bench).
+    ["bench", "cli", "server", "demo", "export", "segments", PACKAGE],
 ]
 # Only the command line (the top) may start a measurement.
 BENCH_IMPORTERS = ("bench", "cli")

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.real
 
 def test_real_model_routes_held_out_documents(real_bundle):
     tl, _ = real_bundle
-    assert tl.feature_spec == "hidden:12"  # the default routing layer of SmolLM2's 30
+    assert tl.feature_spec == "hidden:8,12"  # the default routing layers of SmolLM2's 30
     sets = held_out_chunks(tl, 8, block_size=64, seed=5)
     ids, truth = [], []
     for d, chunks in sets.items():

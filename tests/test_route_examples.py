@@ -74,6 +74,8 @@ def test_multi_layer_feature_spec():
     assert resolve_feature_spec("hidden:8,12", 30) == "hidden:8,12"
     assert resolve_feature_spec("hidden:-1,8", 30) == "hidden:12,8"
     assert resolve_feature_spec("hidden:-1", 4) == "hidden:2"  # the tiny test models keep layer 2
+    assert resolve_feature_spec("hidden:default", 30) == "hidden:8,12"
+    assert resolve_feature_spec("hidden:default", 4) == "hidden:2"
     assert feature_layers("hidden:8,12") == [8, 12] and feature_layers("embeddings") == []
 
 

@@ -49,8 +49,13 @@ def train_adapter(
     desc: str = "adapter",
     progress: bool = True,
     init_from: Path | None = None,
+    conversations: list[tuple[list[int], list[int]]] | None = None,
 ) -> dict:
     """Train one LoRA adapter on `chunks` (equal-length token windows) and save it to `out_dir`.
+
+    `conversations` are more rows, (input ids, labels) with -100 wherever no loss is taken (every
+    token outside the assistant turns; conversations.py): they train in the same loop and batches
+    as the chunks, padded to the batch's longest row. Without them nothing changes.
 
     The base model is modified in place while training (PEFT injects LoRA layers) and restored
     with `unload()` afterwards, so the next domain starts from the same frozen base. Training runs
@@ -63,7 +68,8 @@ def train_adapter(
     from peft import get_peft_model
     from tqdm.auto import tqdm
 
-    if not chunks:
+    conversations = list(conversations or [])
+    if not chunks and not conversations:
         raise ValueError("no training chunks")
     set_seed(cfg.seed)
     accelerator = Accelerator()
@@ -73,14 +79,19 @@ def train_adapter(
         from safetensors.torch import load_file
 
         set_peft_model_state_dict(peft_model, load_file(str(Path(init_from) / "adapter_model.safetensors")))
-    data = torch.tensor(chunks, dtype=torch.long)
+    if conversations:  # rows of different lengths, each with its labels
+        data = [(c, None) for c in chunks] + conversations
+        collate = _pad_rows
+    else:
+        data, collate = torch.utils.data.TensorDataset(torch.tensor(chunks, dtype=torch.long)), None
     generator = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(data),
+        data,
         batch_size=cfg.batch_size,
         shuffle=True,
         drop_last=len(data) >= cfg.batch_size,
         generator=generator,
+        collate_fn=collate,
     )
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -94,14 +105,21 @@ def train_adapter(
     bar = tqdm(total=cfg.steps, desc=desc, disable=not (progress and accelerator.is_main_process))
     batches = _cycle(loader)
     for _ in range(cfg.steps):
-        (input_ids,) = next(batches)
-        loss = peft_model(input_ids=input_ids, labels=input_ids).loss
+        batch = next(batches)
+        if len(batch) == 1:  # document chunks: every token is a target
+            (input_ids,) = batch
+            loss = peft_model(input_ids=input_ids, labels=input_ids).loss
+            real = input_ids.numel()
+        else:
+            input_ids, labels, mask = batch
+            loss = peft_model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            real = int(mask.sum())
         accelerator.backward(loss)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-        tokens += input_ids.numel() * accelerator.num_processes
+        tokens += real * accelerator.num_processes
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
@@ -119,8 +137,9 @@ def train_adapter(
     return {
         "steps": cfg.steps,
         "batch_size": cfg.batch_size,
-        "block_size": len(chunks[0]),
+        "block_size": len(chunks[0]) if chunks else cfg.block_size,
         "train_chunks": len(chunks),
+        **({"train_conversations": len(conversations)} if conversations else {}),
         "tokens_seen": tokens,
         "first_loss": round(losses[0], 4),
         "final_loss": round(sum(tail) / len(tail), 4),
@@ -128,6 +147,19 @@ def train_adapter(
         "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
         "processes": accelerator.num_processes,
     }
+
+
+def _pad_rows(rows: list[tuple[list[int], list[int] | None]]):
+    """Right-padded ids, labels (a chunk's labels are its ids; -100 on padding) and attention mask."""
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(x)] = torch.tensor(x if y is None else y)
+        mask[i, : len(x)] = 1
+    return ids, labels, mask
 
 
 def _cycle(loader):

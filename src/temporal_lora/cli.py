@@ -42,19 +42,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domains", default=DEFAULT_DOMAINS, help="built-in corpora to fetch (comma-separated)")
     p.add_argument("--no-model", action="store_true", help="skip the base model")
 
+    p = sub.add_parser("corpus", help="write a built-in corpus as JSONL for --data: a domain's documents or "
+                                      "built-in conversations (django-faq)")
+    p.add_argument("name", help="a built-in domain (documents) or built-in conversations: django-faq")
+    p.add_argument("--out", required=True, type=Path, help="JSONL file to write")
+
     p = sub.add_parser("train", help="train one adapter per domain plus the router; write a bundle")
     p.add_argument("--domains", default=DEFAULT_DOMAINS, help="comma-separated domain names, in order")
     p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
     _add_base(p)
     p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
-                   help="corpus for a domain: folder of .txt/.md files or JSONL with a 'text' field (repeatable)")
+                   help="corpus for a domain: folder of .txt/.md files, or JSONL whose lines are documents "
+                        "({'text': ...}) and/or conversations ({'messages': [...]}, OpenAI/TRL format) (repeatable)")
     p.add_argument("--init", default="base", choices=["base", "shared"],
                    help="shared: first one adapter on the union of the domains (a seed phase of the same "
                         "number of steps), then every domain's adapter starts from it (default: fresh LoRAs)")
     p.add_argument("--budget", default="quick", choices=["quick", "full"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--router-features", default=None,
-                   help="'embeddings', 'hidden:LAYER' or 'hidden:L1,L2' (default: layer 12 of SmolLM2's 30)")
+                   help="'embeddings', 'hidden:LAYER', 'hidden:L1,L2' or 'hidden:default' (the default: layers 8+12 of SmolLM2's 30)")
     p.add_argument("--abstain-threshold", type=float, default=None,
                    help="calibrated confidence below which the plain base model answers (default 0: never)")
 
@@ -111,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True, type=Path)
     p.add_argument("--name", required=True, help="the new domain's name")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--data", type=Path, help="folder of .txt/.md files or a JSONL file with a 'text' field")
+    src.add_argument("--data", type=Path, help="folder of .txt/.md files, or a JSONL file of documents ({'text': ...}) and/or conversations ({'messages': [...]})")
     src.add_argument("--corpus", help="a built-in corpus (its name must equal --name)")
     p.add_argument("--init", default="base", choices=["base", "nearest", "blend"],
                    help="where the new adapter starts: a fresh LoRA (default), the adapter of the old domain the "
@@ -125,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent", required=True, help="the domain the subdomain belongs to")
     p.add_argument("--name", required=True, help="the subdomain's name (routes show parent/name)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", type=Path, help="folder of .txt/.md files or a JSONL file with a 'text' field")
+    src.add_argument("--data", type=Path, help="folder of .txt/.md files, or a JSONL file of documents ({'text': ...}) and/or conversations ({'messages': [...]})")
     src.add_argument("--corpus", help="a built-in subdomain (medical: case-reports, reviews, trials; "
                                       "literature: comedies, tragedies, histories); must equal --name")
     p.add_argument("--init", default="parent", choices=["parent", "base"],
@@ -177,12 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, type=int, metavar="V")
 
     p = sub.add_parser("bench", help="measure against merging, sequential/multitask LoRA, Arrow, other routers")
-    p.add_argument("what", nargs="?", default="all", choices=["all", "scaling", "generalisation"],
+    p.add_argument("what", nargs="?", default="all", choices=["all", "scaling", "crossover", "generalisation"],
                    help="all (default): the comparison bench; scaling: 2-16 domains vs multitask LoRA "
-                        "(scaling.json, scaling.md, plots); generalisation: router accuracy in-source, on "
+                        "(scaling.json, scaling.md, plots); crossover: routed vs multitask at 8/32/128 steps per "
+                        "domain for each init (crossover.json, .md, .png; resumable, cache in --work, default "
+                        "OUT/crossover-work); generalisation: router accuracy in-source, on "
                         "held-out sources and on questions (generalisation.json, generalisation.md)")
     p.add_argument("--work", type=Path, default=None,
-                   help="generalisation: cached texts, features and phases (default OUT/work; resumable)")
+                   help="generalisation: cached texts, features and phases (default OUT/work; resumable); "
+                        "crossover: its cache (default OUT/crossover-work)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="bench.json, bench.md, plots (and work/)")
     p.add_argument("--bundle", type=Path, default=None, help="bundle to measure (default: train one into OUT/work)")
     p.add_argument("--budget", default="quick", choices=["quick", "full"])
@@ -200,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=1_000_000)
     p.add_argument("--max-concurrency", type=int, default=32, help="requests in progress before 429s")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--engine", default="torch", choices=["torch", "llama-cpp", "auto"],
+                   help="local generation: torch (the reference), llama-cpp (pip install "
+                        "'temporal-lora[cpu-engine]'; Llama bases), auto = llama-cpp when it can run the bundle")
+    p.add_argument("--engine-weights", default="f32", choices=["f32", "q8_0", "q4_1"],
+                   help="llama-cpp base weights: f32 = exact (ours, as GGUF); q8_0/q4_1 = faster, not exact")
+    p.add_argument("--engine-threads", type=int, default=1, help="llama-cpp CPU threads")
     p.add_argument("--backend", default="local", choices=["local", "openai-compatible"],
                    help="generate here, or forward to a multi-LoRA engine after routing")
     p.add_argument("--backend-url", default=None, help="e.g. http://gpu-host:8001/v1 (vLLM, LoRAX, SGLang, tlora)")
@@ -241,6 +256,13 @@ def cmd_fetch(args) -> None:
     if not args.no_model:
         print(f"base model: {default_model_dir()}")
     print(f"cache: {cache_dir()}")
+
+
+def cmd_corpus(args) -> None:
+    from temporal_lora.conversations import write_corpus_jsonl
+
+    kind, count = write_corpus_jsonl(args.name, args.out)
+    print(f"{count} {kind} written to {args.out}")
 
 
 def cmd_train(args) -> None:
@@ -421,6 +443,17 @@ def cmd_bench(args) -> None:
         print((args.out / "generalisation.md").read_text(encoding="utf-8"))
         print(f"written to {args.out}/generalisation.json and generalisation.md")
         return
+    if args.what == "crossover":
+        from temporal_lora.bench.crossover import run_crossover
+
+        if args.bundle is not None:
+            from temporal_lora.errors import InputError
+
+            raise InputError("bench crossover trains its own adapters; --bundle is not used")
+        run_crossover(args.out, work=args.work, base=args.base, budget=args.budget)
+        print((args.out / "crossover.md").read_text(encoding="utf-8"))
+        print(f"written to {args.out}/crossover.json, crossover_detail.json, crossover.md and crossover.png")
+        return
     if args.what == "scaling":
         from temporal_lora.bench.scaling import run_scaling
 
@@ -458,7 +491,8 @@ def cmd_serve(args) -> None:
                               backend_url=args.backend_url, backend_api_key=args.backend_api_key,
                               backend_base_model=args.backend_base_model,
                               backend_lora_updates=args.backend_lora_updates, reload_poll_s=args.reload_poll,
-                              runtime_lora_updates=args.runtime_lora_updates)
+                              runtime_lora_updates=args.runtime_lora_updates, engine=args.engine,
+                              engine_weights=args.engine_weights, engine_threads=args.engine_threads)
     if args.reload_poll < 0:
         raise InputError("--reload-poll must be 0 (off) or a number of seconds")
     serve(args.bundle, host=args.host, port=args.port, settings=settings, abstain_threshold=args.abstain_threshold)
@@ -475,7 +509,7 @@ def cmd_export(args) -> None:
     print(f"  {result['front']}")
 
 
-COMMANDS = {"fetch": cmd_fetch, "train": cmd_train, "route": cmd_route, "generate": cmd_generate,
+COMMANDS = {"fetch": cmd_fetch, "corpus": cmd_corpus, "train": cmd_train, "route": cmd_route, "generate": cmd_generate,
             "eval": cmd_eval, "demo": cmd_demo, "add-domain": cmd_add_domain, "add-subdomain": cmd_add_subdomain,
             "add-style": cmd_add_style, "examples": cmd_examples,
             "remove-domain": cmd_remove_domain,

@@ -26,11 +26,12 @@ class RouterConfig:
     """The gating network and where its features come from."""
 
     # "embeddings" (mean-pooled input embeddings, the method's sketch), "hidden:L" (mean-pooled
-    # output of decoder layer L; L=-1 picks the default routing layer, 12 of SmolLM2's 30) or
-    # "hidden:L1,L2" (several layers side by side). Hidden states generalise far better than
-    # embeddings to text from other sources (DESIGN.md); layer 12 routed questions and unseen sources
+    # output of decoder layer L; L=-1 picks the default routing layer, 12 of SmolLM2's 30),
+    # "hidden:L1,L2" (several layers side by side) or "hidden:default" (layers 8+12 of SmolLM2's 30,
+    # routing.features.default_layers). Hidden states generalise far better than embeddings to text
+    # from other sources (DESIGN.md); layers 8+12 routed unseen sources, questions and in-source text
     # best at 1.4x layer 8's cost (benchmarks/results/routing/generalisation.md).
-    features: str = "hidden:-1"
+    features: str = "hidden:default"
     hidden_dim: int = 128  # 0 means plain logistic regression
     max_tokens: int = 128  # the router reads at most this many leading tokens
     train_lengths: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])

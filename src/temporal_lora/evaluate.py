@@ -31,6 +31,8 @@ def held_out_chunks(tl: TemporalLoRA, n: int, *, block_size: int = 128, seed: in
         if not info:
             raise BundleError(f"bundle has no recorded test split for domain {domain!r}")
         source = info["source"]
+        if not info["test_ids"] and info.get("conversations"):
+            raise CorpusError(f"domain {domain!r} has conversations only; the report measures test documents")
         paths = source_paths(domain, source)
         wanted = set(info["test_ids"])
         docs = [d for d in load_domain(domain, paths) if d.id in wanted]

@@ -57,6 +57,8 @@ from temporal_lora.storage import (
 )
 from temporal_lora.text import pad_batch, tokenize
 
+MIN_TEMPERATURE = 1e-4  # sampling below this temperature is greedy decoding
+
 __all__ = ["MODES", "Generation", "RouteDecision", "TemporalLoRA"]
 
 
@@ -334,7 +336,9 @@ class TemporalLoRA:
             raise InputError(f"repetition_penalty must be a positive number, not {repetition_penalty}")
         if do_sample and not (math.isfinite(temperature) and temperature >= 0):
             raise InputError(f"temperature must be a number >= 0 (0 = greedy), not {temperature}")
-        do_sample = do_sample and temperature > 0
+        # A temperature this close to 0 is greedy decoding (its limit); transformers' sampler would
+        # divide the logits into inf and NaN probabilities.
+        do_sample = do_sample and temperature > MIN_TEMPERATURE
         route_ids = self.encode(prompts)
         ids = self.encode([self.chat_prompt(p) for p in prompts]) if chat else route_ids
         for i, seq in enumerate(ids):

@@ -45,7 +45,7 @@ def read_jsonl(path: str | Path, error: type[TemporalLoRAError], what: str) -> l
     line that is not JSON raises `error` with one clear message naming `what` the file should hold."""
     file = Path(path)
     try:
-        lines = file.read_text(encoding="utf-8").splitlines()
+        lines = file.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not JSON
     except (OSError, UnicodeDecodeError) as exc:
         raise error(f"cannot read {what} from {file}: {exc}") from exc
     records = []

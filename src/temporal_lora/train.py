@@ -13,19 +13,28 @@ from pathlib import Path
 import torch
 
 from temporal_lora.adapters import RESERVED_NAMES, distributed_state, train_adapter
-from temporal_lora.backbone import decoder_layers, fingerprint, load_backbone
+from temporal_lora.backbone import context_length, decoder_layers, fingerprint, load_backbone
 from temporal_lora.bundle import MANIFEST
 from temporal_lora.config import TrainConfig, budget_config, router_prefix_lengths
-from temporal_lora.corpora import BUILTIN_DOMAINS, Document, load_domain, source_of
+from temporal_lora.conversations import (
+    MAX_TOKENS,
+    ConversationSplits,
+    conversation_rows,
+    load_domain_texts,
+    mix_rows,
+    split_conversations,
+    user_turn_ids,
+)
+from temporal_lora.corpora import BUILTIN_DOMAINS, Document, source_of
 from temporal_lora.corpora.sources import PRIMARY, load_source, sources_of
 from temporal_lora.corpora.views import questions_in, short_views
 from temporal_lora.data import Splits, chunk_documents, dedupe, split_documents
 from temporal_lora.errors import CorpusError, FetchError, InputError
 from temporal_lora.model import TemporalLoRA
-from temporal_lora.routing.features import resolve_feature_spec
+from temporal_lora.routing.features import pool_prefixes, resolve_feature_spec, token_features
 from temporal_lora.routing.gating import GatingNetwork, fit_router
 from temporal_lora.routing.replay import domain_features
-from temporal_lora.text import tokenize
+from temporal_lora.text import pad_batch, tokenize
 
 TRAIN_INITS = ("base", "shared")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -37,13 +46,18 @@ class DomainData:
     source: str
     splits: Splits
     dropped_duplicates: int
+    conversations: ConversationSplits | None = None  # conversational lines of a user's JSONL
+    dropped_conversations: int = 0
 
     def split_summary(self) -> dict:
-        """What the bundle records about this domain's data (data/splits.json): which documents are held out."""
+        """What the bundle records about this domain's data (data/splits.json): which documents
+        (and conversations) are held out."""
         s = self.splits
+        conv = self.conversations
         return {"source": self.source, "documents": len(s.train) + len(s.val) + len(s.test),
                 "dropped_duplicates": self.dropped_duplicates, "train_documents": len(s.train),
-                "val_ids": [d.id for d in s.val], "test_ids": [d.id for d in s.test]}
+                "val_ids": [d.id for d in s.val], "test_ids": [d.id for d in s.test],
+                **({"conversations": conv.summary(self.dropped_conversations)} if conv else {})}
 
 
 def validate_domains(domains: list[str]) -> list[str]:
@@ -69,11 +83,33 @@ def check_output_dir(out: Path) -> None:
 
 
 def load_domain_data(name: str, data_paths: dict[str, Path], seed: int) -> DomainData:
-    docs = load_domain(name, data_paths)
+    """A domain's documents and conversations, deduplicated and split train/val/test by group (each
+    kind on its own, same rule and seed; a domain may have only conversations)."""
+    docs, convs = load_domain_texts(name, data_paths)
     unique = dedupe(docs)
-    splits = split_documents(unique, seed=seed)
+    splits = split_documents(unique, seed=seed) if unique or not convs else Splits([], [], [])
+    conv_splits = split_conversations(convs, seed, f"conversations of {name!r}") if convs else None
     source = source_of(name, data_paths.get(name))
-    return DomainData(name, source, splits, len(docs) - len(unique))
+    return DomainData(name, source, splits, len(docs) - len(unique), conv_splits)
+
+
+def conversation_tokens(model, tokenizer) -> int:
+    """Where conversations are cut: MAX_TOKENS, or the model's context if shorter."""
+    return min(MAX_TOKENS, context_length(model, tokenizer))
+
+
+def training_rows(dd: DomainData, tokenizer, cfg: TrainConfig, max_tokens: int, what: str) -> tuple[list, list]:
+    """(document chunks, conversation rows) an adapter trains on: `steps * batch_size` rows at most,
+    shared between the kinds (conversations.mix_rows). Documents only: exactly the chunks as before."""
+    n = cfg.steps * cfg.batch_size
+    if dd.conversations is None:
+        return chunks_tensor(dd.splits.train, tokenizer, cfg, n, cfg.seed, what).tolist(), []
+    chunks = chunk_documents(dd.splits.train, tokenizer, block_size=cfg.block_size, max_chunks=n, seed=cfg.seed)
+    convs = conversation_rows(tokenizer, dd.conversations.train, max_tokens)
+    if not chunks and not convs:
+        raise CorpusError(f"{what}: no document is {cfg.block_size} tokens long and no conversation has an "
+                          f"assistant turn within {max_tokens} tokens")
+    return mix_rows(chunks, convs, n, cfg.seed)
 
 
 def chunks_tensor(docs: list[Document], tokenizer, cfg: TrainConfig, n: int, seed: int, what: str) -> torch.Tensor:
@@ -81,6 +117,11 @@ def chunks_tensor(docs: list[Document], tokenizer, cfg: TrainConfig, n: int, see
     if not chunks:
         raise CorpusError(f"{what}: no document is at least {cfg.block_size} tokens long")
     return torch.tensor(chunks, dtype=torch.long)
+
+
+def round_robin(chunk_lists: list[list[list[int]]], n: int) -> list[list[int]]:
+    """The first `n` windows taken in turn from each list (the shared seed phase's union)."""
+    return [row for rows in zip(*chunk_lists, strict=False) for row in rows][:n]
 
 
 @dataclass
@@ -92,14 +133,25 @@ class RouterText:
     short: list[list[int]]
     short_calib: list[list[int]]
     sources: dict  # {source: {"documents", "train_documents", "val_ids", "test_ids"}} (built-in extras)
+    turns: list[list[int]] | None = None  # user turns of the training / validation conversations
+    turns_calib: list[list[int]] | None = None
 
 
 def router_text(dd: DomainData, tokenizer, cfg: TrainConfig, builtin: bool, log=print) -> RouterText:
     """The router's training text of one domain: windows of the training documents (as before), plus,
     for a built-in domain, windows of its other training sources (corpora/sources.py: half as many
-    again, shared among them), plus short views and the documents' own questions (`short_texts`)."""
-    train = chunks_tensor(dd.splits.train, tokenizer, cfg, cfg.router_chunks, cfg.seed + 1, dd.name)
-    calib = chunks_tensor(dd.splits.val, tokenizer, cfg, cfg.calib_chunks, cfg.seed, f"{dd.name} val split")
+    again, shared among them), plus short views and the documents' own questions (`short_texts`);
+    and the user turns of its conversations, which is what the router reads at serving time."""
+    turns = turns_calib = None
+    if dd.conversations is not None:
+        turns = user_turn_ids(tokenizer, dd.conversations.train, cfg.router.max_tokens)
+        turns_calib = user_turn_ids(tokenizer, dd.conversations.val, cfg.router.max_tokens)
+    if turns and turns_calib and not (dd.splits.train and dd.splits.val):  # conversations only
+        empty = torch.zeros((0, cfg.block_size), dtype=torch.long)
+        return RouterText(empty, empty, [], [], {}, turns, turns_calib)
+    train = _windows_of(dd.splits.train, tokenizer, cfg, cfg.router_chunks, cfg.seed + 1, dd.name, turns)
+    calib = _windows_of(dd.splits.val, tokenizer, cfg, cfg.calib_chunks, cfg.seed, f"{dd.name} val split",
+                        turns_calib)
     splits = {"primary": dd.splits}
     sources: dict = {}
     extras = [s for s in sources_of(dd.name) if s.name != PRIMARY.get(dd.name)] \
@@ -124,7 +176,54 @@ def router_text(dd: DomainData, tokenizer, cfg: TrainConfig, builtin: bool, log=
                              "val_ids": [d.id for d in sp.val], "test_ids": [d.id for d in sp.test]}
     short = _short_texts(tokenizer, [s.train for s in splits.values()], cfg.router.short_texts, cfg)
     short_calib = _short_texts(tokenizer, [s.val for s in splits.values()], cfg.router.short_texts // 5, cfg)
-    return RouterText(torch.cat(more_train), torch.cat(more_calib), short, short_calib, sources)
+    return RouterText(torch.cat(more_train), torch.cat(more_calib), short, short_calib, sources, turns, turns_calib)
+
+
+def _windows_of(docs: list[Document], tokenizer, cfg: TrainConfig, n: int, seed: int, what: str,
+                turns: list | None) -> torch.Tensor:
+    """Router windows of `docs`; none (instead of an error) when user turns stand in for them."""
+    if turns:
+        chunks = chunk_documents(docs, tokenizer, block_size=cfg.block_size, max_chunks=n, seed=seed)
+        return torch.tensor(chunks, dtype=torch.long) if chunks else torch.zeros((0, cfg.block_size), dtype=torch.long)
+    return chunks_tensor(docs, tokenizer, cfg, n, seed, what)
+
+
+@torch.no_grad()
+def turn_features(model, spec: str, turns: list[list[int]], lengths: list[int], pad_id: int,
+                  batch_size: int = 16) -> torch.Tensor:
+    """Router features [len(lengths), n, dim] of user turns: each prefix length reads the turn's
+    first min(length, len(turn)) tokens, as routing reads a prompt of that many tokens."""
+    out = []
+    for start in range(0, len(turns), batch_size):
+        ids, mask = pad_batch(turns[start:start + batch_size], pad_id, left=False)
+        out.append(pool_prefixes(token_features(model, spec, ids, mask), mask, lengths))
+    return torch.cat(out, dim=1)
+
+
+def router_features(model, spec: str, rt: RouterText, lengths: list[int], pad_id: int,
+                    min_rows: int = 0, with_short: bool = True) -> dict[str, torch.Tensor]:
+    """A domain's router features (routing/replay.py's layout): windows and short texts, with the
+    conversations' user turns as more "train" / "calib" rows. A domain without windows (conversations
+    only) repeats its training turns up to `min_rows`, so its class is not a small minority; its
+    turns, read whole, are also its short texts when the router trains on short texts (`with_short`)."""
+    if len(rt.train) and len(rt.calib):
+        out = domain_features(model, spec, rt.train, rt.calib, lengths, rt.short, rt.short_calib, pad_id=pad_id)
+    else:
+        out = {}
+    whole = {}
+    for part, turns in (("train", rt.turns), ("calib", rt.turns_calib)):
+        if not turns:
+            continue
+        feats = turn_features(model, spec, turns, lengths, pad_id)
+        whole["short" if part == "train" else "short_calib"] = feats[-1]
+        if part == "train" and part not in out and feats.shape[1] < min_rows:
+            feats = feats[:, torch.arange(min_rows) % feats.shape[1]]
+        out[part] = torch.cat([out[part], feats], dim=1) if part in out else feats
+    if with_short and "short" not in out and len(whole) == 2:
+        out.update(whole)
+    if "train" not in out or "calib" not in out:
+        raise CorpusError("the router needs training and validation text of every domain")
+    return out
 
 
 def _short_texts(tokenizer, doc_lists: list[list[Document]], limit: int, cfg: TrainConfig) -> list[list[int]]:
@@ -159,7 +258,8 @@ def _short_texts(tokenizer, doc_lists: list[list[Document]], limit: int, cfg: Tr
 
 def train_router(tl_model, tokenizer, spec: str, domain_chunks: dict[str, tuple[torch.Tensor, torch.Tensor]],
                  cfg: TrainConfig, replay: dict | None = None,
-                 short: dict[str, tuple[list, list]] | None = None) -> tuple[GatingNetwork, dict]:
+                 short: dict[str, tuple[list, list]] | None = None,
+                 turns: dict[str, tuple[list, list]] | None = None) -> tuple[GatingNetwork, dict]:
     """Train the gating network on prefixes of training chunks; calibrate on validation chunks.
 
     With `replay` (a dict), each domain's features are also put there: the bundle keeps them so
@@ -168,8 +268,12 @@ def train_router(tl_model, tokenizer, spec: str, domain_chunks: dict[str, tuple[
     lengths = router_prefix_lengths(cfg.router, cfg.block_size)
     short = short or {}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    features = {name: domain_features(tl_model, spec, train_chunks, calib_chunks, lengths,
-                                      *short.get(name, (None, None)), pad_id=pad)
+    turns = turns or {}
+    features = {name: router_features(tl_model, spec, RouterText(train_chunks, calib_chunks,
+                                                                 *short.get(name, (None, None)), {},
+                                                                 *turns.get(name, (None, None))),
+                                      lengths, pad, min_rows=cfg.router_chunks,
+                                      with_short=cfg.router.short_texts > 0)
                 for name, (train_chunks, calib_chunks) in domain_chunks.items()}
     net, summary = fit_router(features, cfg.router, seed=cfg.seed)
     if replay is not None:
@@ -225,7 +329,7 @@ def train_bundle(
     spec = resolve_feature_spec(cfg.router.features, len(decoder_layers(model)))
     timing["load_base_model"] = time.perf_counter() - t0
 
-    training, splits_info, router_data, router_short = {}, {}, {}, {}
+    training, splits_info, router_data, router_short, router_turns = {}, {}, {}, {}, {}
     # Adapters are staged next to the output; under `accelerate launch` every process must see the
     # same folder (the main process writes each adapter, all of them load it), so the name is fixed.
     state = distributed_state()
@@ -235,34 +339,37 @@ def train_bundle(
         work.mkdir(parents=True)
     state.wait_for_everyone()
     try:
-        train_chunks = {}
+        train_chunks, train_convs = {}, {}
         for name, dd in datasets.items():
             t0 = time.perf_counter()
-            n_train = cfg.steps * cfg.batch_size
-            train_chunks[name] = chunks_tensor(dd.splits.train, tokenizer, cfg, n_train, cfg.seed,
-                                               f"{name} train split")
+            train_chunks[name], train_convs[name] = training_rows(dd, tokenizer, cfg, conversation_tokens(
+                model, tokenizer), f"{name} train split")
             rt = router_text(dd, tokenizer, cfg, builtin=name not in data, log=log)
             router_data[name] = (rt.train, rt.calib)
             router_short[name] = (rt.short, rt.short_calib)
+            router_turns[name] = (rt.turns, rt.turns_calib)
             splits_info[name] = dd.split_summary() | ({"router_sources": rt.sources} if rt.sources else {})
             timing[f"chunk_{name}"] = time.perf_counter() - t0
         seed_dir, seed_info = None, {"init": "base"}
         if init == "shared":
             # Round-robin over the domains, so every step of the seed phase sees all of them.
-            union = [row for rows in zip(*(c.tolist() for c in train_chunks.values()), strict=False)
-                     for row in rows][: cfg.steps * cfg.batch_size]
+            n_union = cfg.steps * cfg.batch_size
+            union = round_robin([c for c in train_chunks.values() if c], n_union)
+            union, union_convs = mix_rows(union, round_robin([c for c in train_convs.values() if c], n_union),
+                                          n_union, cfg.seed)
             log(f"shared seed phase: one adapter on the union of {len(domains)} domains ({cfg.steps} steps)")
             t0 = time.perf_counter()
             seed_dir = work / ".shared-seed"  # '.' starts no domain name
-            train_adapter(model, union, seed_dir, cfg, desc="shared", progress=progress)
+            train_adapter(model, union, seed_dir, cfg, desc="shared", progress=progress, conversations=union_convs)
             timing["adapter_shared_seed"] = time.perf_counter() - t0
             seed_info = {"init": "shared", "shared_steps": cfg.steps}
         for i, (name, dd) in enumerate(datasets.items()):
+            convs = f" and {len(train_convs[name])} conversations" if train_convs[name] else ""
             log(f"[{i + 1}/{len(datasets)}] training adapter '{name}' on {len(train_chunks[name])} chunks "
-                f"of {cfg.block_size} tokens ({cfg.steps} steps)")
+                f"of {cfg.block_size} tokens{convs} ({cfg.steps} steps)")
             t0 = time.perf_counter()
-            summary = train_adapter(model, train_chunks[name].tolist(), work / name, cfg, desc=name,
-                                    progress=progress, init_from=seed_dir)
+            summary = train_adapter(model, train_chunks[name], work / name, cfg, desc=name,
+                                    progress=progress, init_from=seed_dir, conversations=train_convs[name])
             timing[f"adapter_{name}"] = time.perf_counter() - t0
             training[name] = summary | {"source": dd.source, "seed": cfg.seed} | seed_info
         if fingerprint(model) != base_fp:  # adapters must never touch the base
@@ -272,7 +379,7 @@ def train_bundle(
         t0 = time.perf_counter()
         replay: dict = {}
         router, router_summary = train_router(model, tokenizer, spec, router_data, cfg, replay=replay,
-                                              short=router_short)
+                                              short=router_short, turns=router_turns)
         timing["router"] = time.perf_counter() - t0
 
         info = {"training": training, "router_training": router_summary, "data": splits_info,

@@ -15,6 +15,7 @@ Modules, by what they measure:
 - report: bench.json, bench.md and plots
 - run: `run_bench`, every phase in turn
 - scaling (with scaling_train, scaling_measure, scaling_report): `run_scaling`
+- crossover: `run_crossover`, routed vs multitask at equal compute by budget per domain and init
 
 Every phase stores its result under `<out>/work/` as soon as it finishes (trained baseline
 adapters as PEFT folders, measurements as JSON), so an interrupted run resumes where it stopped.

@@ -94,10 +94,28 @@ class Phases:
         self.log(f"[bench] {name} ...")
         t0 = time.perf_counter()
         result = fn()
-        self.data[name] = result
-        self.data.setdefault("_seconds", {})[name] = round(time.perf_counter() - t0, 1)
-        atomic_write_text(self.path, json.dumps(self.data, indent=1))
+        self.put(name, result, seconds=round(time.perf_counter() - t0, 1))
         return result
+
+    def put(self, name: str, result: dict, seconds: float | None = None) -> None:
+        """Store (or replace) a phase's result at once."""
+        self.data[name] = result
+        if seconds is not None:
+            self.data.setdefault("_seconds", {})[name] = seconds
+        atomic_write_text(self.path, json.dumps(self.data, indent=1))
+
+
+def check_recipe(work: Path, recipe: dict) -> None:
+    """Cached adapters are only reused by a run with the same recipe (steps, ranks, domains...):
+    the first run writes `work/recipe.json`, later ones must match it."""
+    path = work / "recipe.json"
+    recipe = json.loads(json.dumps(recipe))  # tuples -> lists, as read back
+    if path.is_file():
+        if json.loads(path.read_text()) != recipe:
+            raise InputError(f"{work} holds a run with another budget, config or domain list; "
+                             "choose another output folder or delete it")
+    else:
+        atomic_write_text(path, json.dumps(recipe, indent=1))
 
 
 def hardware() -> str:

@@ -122,10 +122,11 @@ def free_port() -> int:
 
 
 def start_server(bundle: Path, port: int, max_batch: int, clients: int,
-                 max_concurrency: int | None = None) -> subprocess.Popen:
+                 max_concurrency: int | None = None, extra: list[str] | None = None) -> subprocess.Popen:
+    """`extra`: more `tlora serve` arguments (e.g. ["--engine", "llama-cpp"])."""
     limit = max_concurrency or max(clients * 2, 32)
     cmd = [sys.executable, "-m", "temporal_lora.cli", "serve", "--bundle", str(bundle), "--port", str(port),
-           "--max-batch", str(max_batch), "--max-concurrency", str(limit)]
+           "--max-batch", str(max_batch), "--max-concurrency", str(limit), *(extra or [])]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
     deadline = time.monotonic() + 300
     while True:

@@ -21,13 +21,12 @@ set and finished phase is stored under `<out>/scaling-work/` at once; an interru
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from temporal_lora.backbone import decoder_layers, load_backbone
-from temporal_lora.bench.common import Phases, ScalingBudget, hardware, scaling_budget
+from temporal_lora.bench.common import Phases, ScalingBudget, check_recipe, hardware, scaling_budget
 from temporal_lora.bench.scaling_measure import (
     add_domain_without_old_data,
     load_router,
@@ -43,7 +42,6 @@ from temporal_lora.bench.scaling_train import (
     train_isolation,
     train_multitask_runs,
 )
-from temporal_lora.cache import atomic_write_text
 from temporal_lora.config import TrainConfig, budget_config
 from temporal_lora.corpora import Document
 from temporal_lora.corpora.subdomains import SCALING_DOMAINS, load_subdomains
@@ -76,7 +74,7 @@ def run_scaling(out: str | Path, *, base: str | None = None, budget: str | Scali
         raise InputError(f"{max(b.ns)} domains needed, {len(domains)} given")
     out = Path(out)
     work = out / "scaling-work"  # not bench's work/: both can live in one --out
-    _check_work(work, {"budget": asdict(b), "train_config": cfg.to_dict(), "domains": domains, "base": base})
+    check_recipe(work, {"budget": asdict(b), "train_config": cfg.to_dict(), "domains": domains, "base": base})
     phases = Phases(work, log)
     t_start = time.perf_counter()
 
@@ -126,14 +124,3 @@ def run_scaling(out: str | Path, *, base: str | None = None, budget: str | Scali
     write_scaling(report, out)
     return report
 
-
-def _check_work(work: Path, recipe: dict) -> None:
-    """Cached adapters are only reused by a run with the same recipe (steps, ranks, domains...)."""
-    path = work / "recipe.json"
-    recipe = json.loads(json.dumps(recipe))  # tuples -> lists, as read back
-    if path.is_file():
-        if json.loads(path.read_text()) != recipe:
-            raise InputError(f"{work} holds a scaling run with another budget, config or domain list; "
-                             "choose another --out or delete it")
-    else:
-        atomic_write_text(path, json.dumps(recipe, indent=1))

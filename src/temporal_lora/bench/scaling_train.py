@@ -34,20 +34,27 @@ class ScalingDomain:
     test: torch.Tensor  # test-document chunks: the first ppl_chunks score perplexity
 
 
-def prepare_domains(corpora, domains, tokenizer, cfg: TrainConfig, b: ScalingBudget) -> dict[str, ScalingDomain]:
+def prepare_domains(corpora, domains, tokenizer, cfg: TrainConfig, b: ScalingBudget,
+                    train_windows: int | None = None) -> dict[str, ScalingDomain]:
+    """Each domain's chunks. By default n = steps x batch training windows and n more (the update);
+    with `train_windows` (the crossover bench) that many training windows and no update."""
     n = cfg.steps * cfg.batch_size
+    want = 2 * n if train_windows is None else train_windows
     out = {}
     for name in domains:
         docs = corpora[name]
         unique = dedupe(docs)
         dd = DomainData(name, f"subdomain:{name}", split_documents(unique, seed=cfg.seed), len(docs) - len(unique))
         # chunk_documents visits documents in the same seeded order whatever the count, so the
-        # first n of 2n windows are exactly the adapter's training windows and the rest are new.
-        both = chunks_tensor(dd.splits.train, tokenizer, cfg, 2 * n, cfg.seed, f"{name} train split").tolist()
-        if len(both) < 2 * n:
-            raise InputError(f"{name}: {len(both)} training windows, {2 * n} needed (training + update)")
+        # first n of 2n windows are exactly the adapter's training windows and the rest are new
+        # (and the first k windows of any budget are the same: training sets of budgets are nested).
+        both = chunks_tensor(dd.splits.train, tokenizer, cfg, want, cfg.seed, f"{name} train split").tolist()
+        if len(both) < want:
+            raise InputError(f"{name}: {len(both)} training windows, {want} needed"
+                             + (" (training + update)" if train_windows is None else ""))
+        train, update = (both[:n], both[n:]) if train_windows is None else (both, [])
         out[name] = ScalingDomain(
-            name, dd, both[:n], both[n:],
+            name, dd, train, update,
             chunks_tensor(dd.splits.train, tokenizer, cfg, cfg.router_chunks, cfg.seed + 1, name),
             chunks_tensor(dd.splits.val, tokenizer, cfg, cfg.calib_chunks, cfg.seed, f"{name} val split"),
             chunks_tensor(dd.splits.test, tokenizer, cfg, max(b.router_test_chunks, b.ppl_chunks), cfg.seed,

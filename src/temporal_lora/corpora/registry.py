@@ -65,10 +65,12 @@ def _check_builtin(name: str) -> None:
 
 # Bump when an extractor changes what it keeps, so that caches made by older code are not reused.
 EXTRACT_VERSION = 1
+# Per-domain bumps: technical 2 holds docs/faq/ out (they are the `django-faq` conversations).
+EXTRACT_VERSIONS = {"technical": 2}
 
 
 def _cache_file(name: str) -> Path:
-    return cache_dir() / "corpora" / f"{name}.v{EXTRACT_VERSION}.jsonl"
+    return cache_dir() / "corpora" / f"{name}.v{EXTRACT_VERSIONS.get(name, EXTRACT_VERSION)}.jsonl"
 
 
 def _extract(name: str, progress: bool) -> list[Document]:
@@ -113,7 +115,8 @@ def progress_bar(
 
 def load_user_corpus(path: str | Path) -> list[Document]:
     """Documents from a folder (every .txt/.md file below it, one document each, grouped by
-    relative path) or a .jsonl file (a string `text` per line, optional `id` and `group`)."""
+    relative path) or a .jsonl file (a string `text` per line, optional `id` and `group`; lines
+    that are conversations, `{"messages": [...]}`, are skipped here: conversations.py reads them)."""
     root = Path(path).expanduser()
     if not root.exists():
         raise CorpusError(f"corpus path {root} does not exist")
@@ -152,16 +155,30 @@ def _text_files(root: Path) -> Iterator[Path]:
 def _load_jsonl(file: Path) -> list[Document]:
     raw = file.read_bytes()
     content = _decode(raw, file)
-    docs = []
+    docs, conversations = [], 0
     for lineno, line in enumerate(content.splitlines(), start=1):
         if not line.strip():
             continue
-        doc = _jsonl_document(line, file, lineno)
+        if _is_conversation_line(line):  # read by conversations.py (the same file holds both)
+            conversations += 1
+            continue
+        doc = _jsonl_document(line, file, lineno, hint=" (or a 'messages' list: a conversation)")
         if doc.text:
             docs.append(doc)
-    if not docs:
+    if not docs and not conversations:
         raise CorpusError(f"{file} has no non-empty 'text' fields")
     return docs
+
+
+def _is_conversation_line(line: str) -> bool:
+    """A `{"messages": [...]}` line (OpenAI / TRL conversational format) rather than a document."""
+    if '"messages"' not in line:
+        return False
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and "messages" in record
 
 
 def read_jsonl_texts(path: str | Path) -> list[str]:
@@ -178,13 +195,13 @@ def read_jsonl_texts(path: str | Path) -> list[str]:
     ]
 
 
-def _jsonl_document(line: str, file: Path, lineno: int) -> Document:
+def _jsonl_document(line: str, file: Path, lineno: int, hint: str = "") -> Document:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise CorpusError(f"{file}, line {lineno}: not valid JSON ({exc.msg})") from None
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-        raise CorpusError(f"{file}, line {lineno}: needs a string 'text' field")
+        raise CorpusError(f"{file}, line {lineno}: needs a string 'text' field{hint}")
     doc_id = _optional_str(record, "id", file, lineno) or f"line-{lineno}"
     group = _optional_str(record, "group", file, lineno) or doc_id
     return Document(id=doc_id, text=record["text"].strip(), group=group)

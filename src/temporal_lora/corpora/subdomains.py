@@ -44,7 +44,7 @@ DESCRIPTIONS = {
     "pubmed-neurology": "PubMed abstracts whose MeSH major topics are nervous-system only",
     "django-ref": "Django docs, ref/ (API reference)",
     "django-topics": "Django docs, topics/ (narrative guides)",
-    "django-guides": "Django docs, howto/ intro/ faq/ internals/ misc/",
+    "django-guides": "Django docs, howto/ intro/ internals/ misc/",
     "stdlib-net": "Python stdlib modules: networking, internet protocols, email",
     "stdlib-text": "Python stdlib modules: text processing, parsing, data formats",
     "stdlib-concurrency": "Python stdlib modules: asyncio, threads, processes",
@@ -132,7 +132,7 @@ def pubmed_type_documents(limit: int) -> dict[str, list[Document]]:
 DJANGO_SECTIONS = {
     "django-ref": ("ref",),
     "django-topics": ("topics",),
-    "django-guides": ("howto", "intro", "faq", "internals", "misc"),
+    "django-guides": ("howto", "intro", "internals", "misc"),  # faq/ is held out (django-faq conversations)
 }
 
 # --- stdlib by area (top-level module or package name) -----------------------------------------

@@ -14,6 +14,9 @@ REQUIREMENT = "Django==5.2.19"
 MAX_RELEASE_NOTES = 20
 # Below this a page is a bare table of contents (index.txt, contents.txt) or a requirements file.
 MIN_WORDS = 100
+# docs/faq/ is not document text: its question/answer pairs are the built-in conversations
+# (`django-faq`), held out so that a document-trained adapter has never read those answers.
+HELD_OUT_SECTION = "faq"
 _FEATURE_RELEASE = re.compile(r"(\d+)\.(\d+)")
 
 
@@ -46,6 +49,8 @@ def _docs_page(member: tarfile.TarInfo) -> PurePosixPath | None:
         return None
     rel = PurePosixPath(*parts[2:])
     if rel.parts[0].startswith("_"):  # _theme/ and friends are Sphinx machinery, not docs
+        return None
+    if rel.parts[0] == HELD_OUT_SECTION:  # the FAQ: held-out conversations (corpora/django_faq.py)
         return None
     return rel
 

@@ -18,9 +18,8 @@ from temporal_lora.adapters import train_adapter
 from temporal_lora.backbone import fingerprint, load_backbone
 from temporal_lora.bundle import read_manifest
 from temporal_lora.config import BUDGETS, RouterConfig, TrainConfig, budget_config
-from temporal_lora.data import Splits
 from temporal_lora.errors import BaseModelMismatchError, BundleError
-from temporal_lora.train import chunks_tensor
+from temporal_lora.train import DomainData, conversation_tokens, training_rows
 
 
 def bundle_train_config(manifest: dict) -> TrainConfig:
@@ -79,22 +78,20 @@ class Addition:
         with self.timed("load_base_model"):
             self.model, self.tokenizer = load_base_for(self.manifest, base)
 
-    def chunks(self, splits: Splits, label: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Adapter training chunks, router chunks (training documents) and calibration chunks
-        (validation documents) of the new text, drawn as first training draws them."""
-        cfg, tok = self.cfg, self.tokenizer
+    def rows(self, dd: DomainData, label: str) -> tuple[list, list]:
+        """The new adapter's training rows, drawn as first training draws them: document chunks and
+        conversation rows (train.training_rows; the router's text comes from train.router_text)."""
         with self.timed("chunk"):
-            train = chunks_tensor(splits.train, tok, cfg, cfg.steps * cfg.batch_size, cfg.seed, f"{label} train split")
-            router = chunks_tensor(splits.train, tok, cfg, cfg.router_chunks, cfg.seed + 1, label)
-            calib = chunks_tensor(splits.val, tok, cfg, cfg.calib_chunks, cfg.seed, f"{label} val split")
-        return train, router, calib
+            return training_rows(dd, self.tokenizer, self.cfg, conversation_tokens(self.model, self.tokenizer),
+                                 f"{label} train split")
 
-    def train(self, train_chunks: torch.Tensor, out_dir: Path, label: str, *, progress: bool,
-              init_from: Path | None = None) -> dict:
+    def train(self, train_chunks: torch.Tensor | list, out_dir: Path, label: str, *, progress: bool,
+              init_from: Path | None = None, conversations: list | None = None) -> dict:
         """Train the new adapter into `out_dir`; the base model must come out bit-identical."""
+        chunks = train_chunks.tolist() if isinstance(train_chunks, torch.Tensor) else train_chunks
         with self.timed("adapter"):
-            summary = train_adapter(self.model, train_chunks.tolist(), out_dir, self.cfg, desc=label,
-                                    progress=progress, init_from=init_from)
+            summary = train_adapter(self.model, chunks, out_dir, self.cfg, desc=label,
+                                    progress=progress, init_from=init_from, conversations=conversations)
         if fingerprint(self.model) != self.manifest["base_model"]["fingerprint"]:
             raise RuntimeError("base model weights changed during adapter training")
         return summary

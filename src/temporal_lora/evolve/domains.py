@@ -43,7 +43,13 @@ from temporal_lora.storage import (
     write_router,
     write_splits,
 )
-from temporal_lora.train import chunks_tensor, load_domain_data, router_text, validate_domains
+from temporal_lora.train import (
+    chunks_tensor,
+    load_domain_data,
+    router_features,
+    router_text,
+    validate_domains,
+)
 from temporal_lora.versions import commit, copy_files
 
 
@@ -79,7 +85,7 @@ def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None,
     if rebuilt:
         log(f"bundle has no router replay memory: recomputed it from the old domains' corpora "
             f"({add.timing['load_replay']:.0f} s)")
-    train_chunks, _, _ = add.chunks(dd.splits, name)
+    train_chunks, train_convs = add.rows(dd, name)
     # Short texts and other sources only when every old domain has them too: a router that saw short
     # texts of one domain alone would send every short input there.
     wide = all("short" in replay[d] for d in old_domains)
@@ -94,15 +100,17 @@ def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None,
         # a warm start which old domains the new text is like.
         with add.timed("router_features"):
             pad = add.tokenizer.pad_token_id if add.tokenizer.pad_token_id is not None else 0
-            replay[name] = domain_features(add.model, add.spec, rt.train, rt.calib, lengths, rt.short,
-                                           rt.short_calib, pad_id=pad)
+            replay[name] = router_features(add.model, add.spec, rt, lengths, pad, min_rows=cfg.router_chunks,
+                                           with_short=rcfg.router.short_texts > 0)
         old_router = load_router(bundle, manifest["router"], len(old_domains))
         affinity = router_affinity(old_router, replay[name]["train"], old_domains)
         folders = {d: safe_path(bundle, manifest["adapters"][d]["path"]) for d in old_domains}
         init_from, init_info = warm_start(init, affinity, folders, work)
-        log(f"training adapter '{name}' on {len(train_chunks)} chunks of {cfg.block_size} tokens ({cfg.steps} steps, "
+        convs = f" and {len(train_convs)} conversations" if train_convs else ""
+        log(f"training adapter '{name}' on {len(train_chunks)} chunks of {cfg.block_size} tokens{convs} ({cfg.steps} steps, "
             f"init {init}{' from ' + init_info['init_from'] if 'init_from' in init_info else ''})")
-        summary = add.train(train_chunks, work / name, name, progress=progress, init_from=init_from)
+        summary = add.train(train_chunks, work / name, name, progress=progress, init_from=init_from,
+                            conversations=train_convs)
 
         log("refitting the router on the replay memory plus the new domain")
         domains = [*old_domains, name]

@@ -10,19 +10,20 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from temporal_lora.bundle import safe_path
 from temporal_lora.config import TrainConfig, router_prefix_lengths
-from temporal_lora.corpora import load_user_corpus, source_of
+from temporal_lora.conversations import load_user_texts, split_conversations
+from temporal_lora.corpora import source_of
 from temporal_lora.corpora.subdomains import load_builtin_subdomain
-from temporal_lora.data import split_like_parent
+from temporal_lora.data import Splits, split_like_parent
 from temporal_lora.errors import InputError
 from temporal_lora.evolve.common import Addition, check_kept, place_adapter
 from temporal_lora.routing.gating import fit_router
 from temporal_lora.routing.hierarchy import DEFAULT_FALLBACK, SubRouter, route_name
-from temporal_lora.routing.replay import domain_features, replay_accuracy
+from temporal_lora.routing.replay import replay_accuracy
 from temporal_lora.storage import (
     read_hierarchy,
     read_splits,
@@ -30,7 +31,7 @@ from temporal_lora.storage import (
     subrouter_folder,
     write_subrouter,
 )
-from temporal_lora.train import validate_domains
+from temporal_lora.train import DomainData, router_features, router_text, validate_domains
 from temporal_lora.versions import commit, copy_files
 
 INITS = ("parent", "base")
@@ -69,15 +70,22 @@ def add_subdomain(bundle: str | Path, parent: str, name: str, *, data: str | Pat
         sub.fallback_threshold if sub else DEFAULT_FALLBACK)
 
     with add.timed("load_corpus"):
+        convs = []
         if data is not None:
-            docs, source = load_user_corpus(data), source_of(name, data)
+            (docs, convs), source = load_user_texts(data), source_of(name, data)
         else:
             docs, source = load_builtin_subdomain(parent, name), f"builtin:{label}"
-        splits, aligned = split_like_parent(docs, read_splits(bundle, manifest.get("data")).get(parent), cfg.seed)
+        splits, aligned = split_like_parent(docs, read_splits(bundle, manifest.get("data")).get(parent), cfg.seed) \
+            if docs or not convs else (Splits([], [], []), False)
+        dd = DomainData(label, source, splits, 0, split_conversations(convs, cfg.seed) if convs else None)
     add.load_model(base)
     lengths = old.lengths.get(parent) or manifest["router"].get("training", {}).get("prefix_lengths") or \
         router_prefix_lengths(add.router_cfg, cfg.block_size)
-    train_chunks, router_chunks, calib_chunks = add.chunks(splits, label)
+    train_chunks, train_convs = add.rows(dd, label)
+    # The sub-router reads windows of the documents (no other sources or short texts) and user turns.
+    with add.timed("chunk"):
+        rt = router_text(dd, add.tokenizer, replace(cfg, router=replace(cfg.router, extra_sources=False, short_texts=0)),
+                         builtin=False)
 
     # Trained in the system temp dir (as add-domain does), so a killed run leaves nothing beside the bundle.
     work = Path(tempfile.mkdtemp(prefix=f"tlora-sub-{parent}-{name}-"))
@@ -85,11 +93,14 @@ def add_subdomain(bundle: str | Path, parent: str, name: str, *, data: str | Pat
         init_from = safe_path(bundle, manifest["adapters"][parent]["path"]) if init == "parent" else None
         log(f"training adapter '{label}' on {len(train_chunks)} chunks of {cfg.block_size} tokens "
             f"({cfg.steps} steps, from the {'parent adapter' if init_from else 'base model'})")
-        summary = add.train(train_chunks, work / name, label, progress=progress, init_from=init_from)
+        summary = add.train(train_chunks, work / name, label, progress=progress, init_from=init_from,
+                            conversations=train_convs)
 
         with add.timed("router"):
             replay = dict(old.replay.get(parent, {}))
-            replay[name] = domain_features(add.model, add.spec, router_chunks, calib_chunks, lengths)
+            pad = add.tokenizer.pad_token_id if add.tokenizer.pad_token_id is not None else 0
+            replay[name] = router_features(add.model, add.spec, rt, lengths, pad, min_rows=cfg.router_chunks,
+                                           with_short=False)
             children = [*children, name]
             router, router_summary = None, {}
             if len(children) >= 2:
@@ -103,7 +114,8 @@ def add_subdomain(bundle: str | Path, parent: str, name: str, *, data: str | Pat
         sub_splits[name] = {"source": source, "aligned_with_parent": aligned,
                             "documents": len(splits.train) + len(splits.val) + len(splits.test),
                             "train_documents": len(splits.train), "val_ids": [d.id for d in splits.val],
-                            "test_ids": [d.id for d in splits.test]}
+                            "test_ids": [d.id for d in splits.test],
+                            **({"conversations": dd.conversations.summary()} if dd.conversations else {})}
         new_sub = SubRouter(parent, children, router, threshold)
         training = summary | {"source": source, "seed": cfg.seed, "init": init}
         prefix = f"{subrouter_folder(parent)}/"

@@ -19,10 +19,12 @@ class _StopForward(Exception):
 
 def resolve_feature_spec(spec: str, n_layers: int) -> str:
     """Normalise 'embeddings' / 'hidden:L' (L=-1 -> a lower-middle layer) / 'hidden:L1,L2' (the
-    pooled layers side by side) to a concrete spec."""
+    pooled layers side by side) / 'hidden:default' (default_layers) to a concrete spec."""
     if spec == "embeddings":
         return spec
     kind, _, layers = spec.partition(":")
+    if kind == "hidden" and layers == "default":
+        layers = ",".join(str(i) for i in default_layers(n_layers))
     if kind != "hidden" or not layers or not all(x.lstrip("-").isdigit() for x in layers.split(",")):
         raise InputError(f"unknown router features {spec!r}; use 'embeddings', 'hidden:LAYER' or 'hidden:L1,L2'")
     indices = []
@@ -43,6 +45,17 @@ def default_layer(n_layers: int) -> int:
     concatenations at 1.4x layer 8's latency (benchmarks/results/routing/generalisation.md);
     bundles trained with layer 8 record `hidden:8` and keep it."""
     return max(n_layers // 4 + 1, (2 * n_layers) // 5)
+
+
+def default_layers(n_layers: int) -> list[int]:
+    """The layers the default router reads side by side: 8 and 12 of SmolLM2's 30; one layer
+    (default_layer) on models under 12 layers, such as the tiny test models.
+
+    Layers 8+12 routed text from unseen sources, short questions and in-source windows better than
+    layer 12 alone at the same cost (both stop the forward after layer 12;
+    benchmarks/results/routing/generalisation.md)."""
+    top = default_layer(n_layers)
+    return [(4 * n_layers) // 15, top] if n_layers >= 12 else [top]
 
 
 def feature_layers(spec: str) -> list[int]:

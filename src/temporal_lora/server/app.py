@@ -46,6 +46,8 @@ def create_app(tl: TemporalLoRA, settings: ServerSettings | None = None, *, bund
     settings = settings or ServerSettings()
     if settings.routing_mode not in ("hard", "soft", "topk"):
         raise TemporalLoRAError(f"unknown routing mode {settings.routing_mode!r}")
+    if settings.engine not in ("torch", "llama-cpp", "auto") or settings.engine_threads < 1:
+        raise TemporalLoRAError(f"unknown engine {settings.engine!r} (or engine_threads < 1)")
     if settings.backend_lora_updates not in ("vllm", "off"):
         raise TemporalLoRAError(f"unknown backend adapter updates {settings.backend_lora_updates!r}")
     service = Service(tl, settings, bundle=bundle, loader=loader)

@@ -68,7 +68,7 @@ class Engine:
         self.on_batch = on_batch  # told the batch size at every decoding step (metrics)
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_s
-        self.eos_ids = _eos_ids(tl)
+        self.eos_ids = eos_ids(tl)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()  # the model (and its mixer state) serves one caller at a time
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
@@ -155,7 +155,7 @@ class Engine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with tl.mixer.weights(weights):
             out = tl.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        decoders = [_Decoder(j, tl.tokenizer, self.eos_ids) for j in jobs]
+        decoders = [Decoder(j, tl.tokenizer, self.eos_ids) for j in jobs]
         return _Batch(decoders, out.past_key_values, mask, positions[:, -1:], weights, out.logits[:, -1].float())
 
     @torch.no_grad()
@@ -202,7 +202,7 @@ class _Batch:
     """Sequences decoding together: left-padded KV cache, attention mask, positions, adapter weights,
     and the logits of each row's next token (not yet sampled)."""
 
-    decoders: list[_Decoder]
+    decoders: list[Decoder]
     cache: object  # transformers DynamicCache, [batch, heads, time, dim] per layer
     mask: torch.Tensor
     positions: torch.Tensor
@@ -247,7 +247,7 @@ class _Batch:
                       torch.cat([self.logits, other.logits]))
 
 
-def _eos_ids(tl: TemporalLoRA) -> set[int]:
+def eos_ids(tl: TemporalLoRA) -> set[int]:
     ids = set()
     for source in (tl.tokenizer.eos_token_id, getattr(tl.model.generation_config, "eos_token_id", None)):
         if isinstance(source, int):
@@ -262,7 +262,7 @@ def _finite(logits: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(logits, nan=-big, posinf=big, neginf=-big)
 
 
-class _Decoder:
+class Decoder:
     """Sampling, incremental detokenisation and stop handling for one sequence of a batch."""
 
     def __init__(self, job: Job, tokenizer, eos_ids: set[int]):

@@ -128,8 +128,10 @@ class Live:
     def __init__(self, tl: TemporalLoRA, metrics: Metrics, *, max_batch: int, bundle: Path | None,
                  loader: Callable[[Path], TemporalLoRA],
                  prepare: Callable[[Unit, Unit], Awaitable[None]] | None = None,
-                 on_free: Callable[[Unit], Awaitable[None]] | None = None):
+                 on_free: Callable[[Unit], Awaitable[None]] | None = None,
+                 make_engine: Callable[..., Engine] = Engine):
         self.metrics = metrics
+        self.make_engine = make_engine  # (tl, max_batch=, on_batch=, name=) -> the unit's engine
         self.max_batch = max_batch
         self.bundle = Path(bundle) if bundle is not None else None
         self.loader = loader
@@ -150,8 +152,8 @@ class Live:
         self.metrics.versions_alive.set(1)
 
     def _start(self, tl, version: int, manifest: dict, digest: str | None, extras: dict[str, str]) -> Unit:
-        engine = Engine(tl, max_batch=self.max_batch, on_batch=self.metrics.batch_size.observe,
-                        name=f"tlora-engine-v{version}")
+        engine = self.make_engine(tl, max_batch=self.max_batch, on_batch=self.metrics.batch_size.observe,
+                                  name=f"tlora-engine-v{version}")
         return Unit(tl, engine, version, manifest, digest, dict(extras))
 
     # ------------------------------------------------------------------ requests pin their unit

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from fastapi.responses import JSONResponse
@@ -20,6 +21,7 @@ from temporal_lora.routing.segments import SegmentConfig
 from temporal_lora.server.engine import Engine, Job, Route, Sampling
 from temporal_lora.server.forward import Backend, BackendError
 from temporal_lora.server.live import ADAPTER_NAME, Live, ReloadError, Unit, log
+from temporal_lora.server.llamacpp_engine import make_engine
 from temporal_lora.server.metrics import Metrics
 from temporal_lora.server.schemas import ChatRequest, CompletionRequest, SamplingFields
 from temporal_lora.server.transport import APIError, EventStream
@@ -52,6 +54,11 @@ class ServerSettings:
     backend_lora_updates: str = "vllm"
     reload_poll_s: float = 2.0  # poll the bundle's manifest.json this often (0 = only POST /admin/reload)
     runtime_lora_updates: bool = False  # offer /v1/load_lora_adapter and /v1/unload_lora_adapter (as vLLM does)
+    # Local generation: "torch" (the reference), "llama-cpp" (the cpu-engine extra; server/llamacpp_engine.py)
+    # or "auto" (llama-cpp when installed and the base is a Llama, else torch); its weights and threads.
+    engine: str = "torch"
+    engine_weights: str = "f32"
+    engine_threads: int = 1
 
 
 class _Call:
@@ -103,9 +110,13 @@ class Service:
             self.backend = Backend(settings.backend_url, api_key=settings.backend_api_key,
                                    timeout=settings.backend_timeout_s)
         tell = self.backend is not None and settings.backend_lora_updates == "vllm"
+        # Forwarding generates elsewhere: the local engine only routes, so it stays the torch one.
+        engine = partial(make_engine, choice="torch" if self.backend else settings.engine,
+                         weights=settings.engine_weights, n_threads=settings.engine_threads)
         self.live = Live(tl, self.metrics, max_batch=settings.max_batch, bundle=bundle,
                          loader=loader or TemporalLoRA.from_pretrained,
-                         prepare=self._engine_loads if tell else None, on_free=self._engine_unloads if tell else None)
+                         prepare=self._engine_loads if tell else None, on_free=self._engine_unloads if tell else None,
+                         make_engine=engine)
         self.in_flight = 0
         self._watcher: asyncio.Task | None = None
 

@@ -1,0 +1,260 @@
+"""CPU engines side by side: llama.cpp alone, our llama.cpp engine (library and `tlora serve`), and
+the torch engine (the float32 reference) — batch-1 speed, greedy agreement, 16-client load.
+
+Every number comes from this one run on this machine, every engine with the same CPU threads.
+Batch-1 figures: greedy, up to `new_tokens` new tokens, tokens/s = completion tokens / wall time of
+the whole request (routing and prompt included), median over prompts x repeats. "llama.cpp alone" is
+the minimal loop over the same GGUF file: llama_decode + argmax, the adapter set chosen in advance.
+
+    OMP_NUM_THREADS=1 python benchmarks/engine_bench.py --bundle runs/reload-bundle
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+from temporal_lora.bench.load import build_requests, free_port, load, references, start_server
+from temporal_lora.llamacpp import LlamaContext, LlamaModel
+from temporal_lora.model import TemporalLoRA
+from temporal_lora.routing.decisions import plan_routes
+from temporal_lora.server.engine import Engine, Route, Sampling
+from temporal_lora.server.llamacpp_engine import LlamaCppEngine, generate
+from temporal_lora.text import tokenize
+
+OUT = Path("benchmarks/results/serve")
+
+
+def _median(xs: list[float]) -> float:
+    return round(statistics.median(xs), 2)
+
+
+def _agree(texts: list[str], refs: list[str]) -> float:
+    """Share of prompts whose greedy continuation is identical to the reference's."""
+    return round(float(np.mean([a == b for a, b in zip(texts, refs, strict=True)])), 3)
+
+
+def _engine_tok_s(engine, ids: list[int], route: Route, new_tokens: int) -> float:
+    start = time.perf_counter()
+    got = generate(engine, [ids], route=route, sampling=Sampling(max_new_tokens=new_tokens, temperature=0))[0]
+    return got["completion_tokens"] / (time.perf_counter() - start)
+
+
+def _raw_tok_s(ctx: LlamaContext, ids: list[int], adapters, new_tokens: int, eos: set[int]) -> float:
+    """llama.cpp alone: prompt, then argmax + llama_decode per token; the adapter set fixed beforehand."""
+    ctx.set_adapters(adapters)
+    start = time.perf_counter()
+    ctx.clear(0)
+    logits = ctx.decode([(0, ids, 0)])[0]
+    n = 0
+    for n in range(1, new_tokens + 1):
+        token = int(logits.argmax())
+        if token in eos or n == new_tokens:
+            break
+        logits = ctx.decode([(0, [token], len(ids) + n - 1)])[0]
+    return n / (time.perf_counter() - start)
+
+
+def _weights_for(tl: TemporalLoRA, ids: list[int], mode: str) -> torch.Tensor:
+    return plan_routes(tl, [ids], mode=mode).weights[0]
+
+
+def _logprob_gap(tl, runtime, ids: list[int], weights: torch.Tensor) -> float:
+    """Mean |log p(token)| difference, llama.cpp vs torch, over every position of `ids` (teacher-forced)."""
+    with torch.no_grad(), tl.mixer.weights(weights[None]):
+        ref = torch.log_softmax(tl.model(torch.tensor([ids])).logits[0].float(), -1).numpy()
+    runtime.ctx.set_adapters(runtime.adapter_set(weights))
+    runtime.ctx.clear(0)
+    got = runtime.ctx.decode([(0, ids, 0)], all_logits=True)[0]
+    got = got - got.max(-1, keepdims=True)
+    got = got - np.log(np.exp(got).sum(-1, keepdims=True))
+    nxt = np.array(ids[1:])
+    rows = np.arange(len(nxt))
+    return float(np.abs(got[rows, nxt] - ref[rows, nxt]).mean())
+
+
+def _serve_phase(bundle: Path, engine: str, threads: int, requests: list[dict], clients: int, duration: float,
+                 batch1: list[str], new_tokens: int, reps: int, mode: str) -> dict:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(bundle, port, 16, clients, extra=["--engine", engine, "--engine-threads", str(threads),
+                                                          "--mode", mode])
+    try:
+        rates = []
+        for _ in range(reps):
+            for prompt in batch1:
+                start = time.perf_counter()
+                resp = httpx.post(url + "/v1/completions", timeout=600, json={
+                    "model": "auto", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0})
+                resp.raise_for_status()
+                rates.append(resp.json()["usage"]["completion_tokens"] / (time.perf_counter() - start))
+        refs, ref_wall = asyncio.run(references(url, requests))
+        result = asyncio.run(load(url, requests, refs, clients, duration))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    result["batch1_tok_s"] = _median(rates)
+    result["sequential_tok_s"] = round(sum(r[2] for r in refs) / ref_wall, 2)
+    return result
+
+
+def run_engine_bench(bundle: Path, out: Path = OUT, *, threads: int = 1, reps: int = 3, new_tokens: int = 128,
+                     clients: int = 16, duration: float = 30.0, load_max_tokens: int = 24,
+                     n_prompts: int = 3) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the torch engine here and in the servers started
+    torch.set_num_threads(threads)
+    tl = TemporalLoRA.from_pretrained(bundle)
+    requests = build_requests(bundle, 16, load_max_tokens)
+    prompts = [r["prompt"] for r in requests]
+    ids = [tokenize(tl.tokenizer, p, "prompt") for p in prompts]
+    batch1 = ids[:n_prompts]
+    t0 = time.perf_counter()
+
+    reference = Engine(tl, max_batch=8)
+    fast = LlamaCppEngine(tl, max_batch=8, n_threads=threads, n_ctx_seq=512)
+    alone_model = LlamaModel(fast.runtime.base_path)
+    alone = LlamaContext(alone_model, n_seq=1, n_ctx_seq=512, n_threads=threads)
+    eos = fast.eos_ids
+    speed: dict[str, dict[str, list[float]]] = {}
+    try:
+        for variant, route_of in (("routed (hard)", lambda x: Route(route_ids=x)),
+                                  ("no adapter", lambda x: Route(domain="base")),
+                                  ("soft mix", lambda x: Route(route_ids=x, mode="soft"))):
+            rows = speed.setdefault(variant, {"llama.cpp": [], "tlora": [], "tlora_pytorch": []})
+            for _ in range(reps):
+                for x in batch1:
+                    route = route_of(x)
+                    w = (_weights_for(tl, x, route.mode) if route.domain is None
+                         else torch.zeros(len(tl.mixer.adapter_names)))
+                    rows["llama.cpp"].append(_raw_tok_s(alone, x, fast.runtime.adapter_set(w), new_tokens, eos))
+                    rows["tlora"].append(_engine_tok_s(fast, x, route, new_tokens))
+                    rows["tlora_pytorch"].append(_engine_tok_s(reference, x, route, new_tokens))
+        greedy32 = Sampling(max_new_tokens=32, temperature=0)
+        ref_texts = [generate(reference, [x], route=Route(route_ids=x), sampling=greedy32)[0]["text"] for x in ids]
+        fast_texts = [generate(fast, [x], route=Route(route_ids=x), sampling=greedy32)[0]["text"] for x in ids]
+        gaps = [_logprob_gap(tl, fast.runtime, x, _weights_for(tl, x, "hard")) for x in ids]
+    finally:
+        alone.close()
+        alone_model.close()
+        fast.close()
+    quantised = {}
+    for weights in ("q8_0", "q4_1"):
+        engine = LlamaCppEngine(tl, weights=weights, max_batch=8, n_threads=threads, n_ctx_seq=512)
+        try:
+            rates = [_engine_tok_s(engine, x, Route(route_ids=x), new_tokens) for _ in range(reps) for x in batch1]
+            texts = [generate(engine, [x], route=Route(route_ids=x), sampling=greedy32)[0]["text"] for x in ids]
+            qgaps = [_logprob_gap(tl, engine.runtime, x, _weights_for(tl, x, "hard")) for x in ids]
+        finally:
+            engine.close()
+        quantised[weights] = {"batch1_tok_s": _median(rates),
+                              "agreement_first32": _agree(texts, ref_texts),
+                              "mean_logprob_gap": round(float(np.mean(qgaps)), 4)}
+    reference.close()
+    library_s = time.perf_counter() - t0
+
+    serve = {}
+    for engine in ("llama-cpp", "torch"):
+        serve[engine] = {mode: _serve_phase(bundle, engine, threads, requests, clients, duration,
+                                            [prompts[i] for i in range(len(batch1))], new_tokens, reps, mode)
+                         for mode in ("hard", "soft")}
+    hard = {e: serve[e]["hard"] for e in serve}
+    result = {
+        "weights": "f32",
+        "batch1_tok_s": {"llama.cpp": _median(speed["routed (hard)"]["llama.cpp"]),
+                         "tlora": _median(speed["routed (hard)"]["tlora"]),
+                         "tlora_serve": hard["llama-cpp"]["batch1_tok_s"],
+                         "tlora_pytorch": _median(speed["routed (hard)"]["tlora_pytorch"]),
+                         "tlora_pytorch_serve": hard["torch"]["batch1_tok_s"]},
+        "agreement_first32": _agree(fast_texts, ref_texts),
+        "mean_logprob_gap": round(float(np.mean(gaps)), 5),
+        "load16_tok_s": {"tlora": hard["llama-cpp"]["tokens_per_s"], "tlora_pytorch": hard["torch"]["tokens_per_s"]},
+        "load16_errors": {e: hard[e]["errors"] for e in hard},
+        "load16_mismatches": {e: hard[e]["mismatches"] for e in hard},
+        "soft": {"batch1_tok_s": {k: _median(v) for k, v in speed["soft mix"].items()},
+                 "load16_tok_s": {"tlora": serve["llama-cpp"]["soft"]["tokens_per_s"],
+                                  "tlora_pytorch": serve["torch"]["soft"]["tokens_per_s"]},
+                 "load16_errors": {e: serve[e]["soft"]["errors"] for e in serve},
+                 "load16_mismatches": {e: serve[e]["soft"]["mismatches"] for e in serve}},
+        "no_adapter_batch1_tok_s": {k: _median(v) for k, v in speed["no adapter"].items()},
+        "quantised": quantised,
+        "settings": {"bundle": str(bundle), "threads": threads, "repeats": reps, "new_tokens": new_tokens,
+                     "batch1_prompts": len(batch1), "agreement_prompts": len(ids), "clients": clients,
+                     "load_duration_s": duration, "load_max_tokens": load_max_tokens, "server_max_batch": 16,
+                     "hardware": f"{platform.machine()}, {os.cpu_count()} CPUs (no GPU)",
+                     "load_average_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+                     "library_phase_s": round(library_s, 1)},
+        "serve": serve,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "engine.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    (out / "engine.md").write_text(table(result), encoding="utf-8")
+    return result
+
+
+def table(r: dict) -> str:
+    b, s, q, n = r["batch1_tok_s"], r["soft"], r["quantised"], r["no_adapter_batch1_tok_s"]
+    cfg = r["settings"]
+    lines = [
+        f"CPU engines on {cfg['bundle']} ({cfg['hardware']}, {cfg['threads']} thread(s) for every engine; "
+        f"greedy, up to {cfg['new_tokens']} new tokens, medians of {cfg['repeats']} x {cfg['batch1_prompts']} "
+        f"prompts; 1-min load average at the end {cfg['load_average_at_end']:.1f}).",
+        "",
+        "| tokens/s | llama.cpp alone (adapter chosen in advance) | tlora, llama.cpp engine (library) | "
+        "tlora, llama.cpp engine (`tlora serve`) | tlora, torch engine (library) | tlora, torch engine (serve) |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| batch 1, routed (hard), F32 | {b['llama.cpp']} | {b['tlora']} | {b['tlora_serve']} | "
+        f"{b['tlora_pytorch']} | {b['tlora_pytorch_serve']} |",
+        f"| batch 1, no adapter | {n['llama.cpp']} | {n['tlora']} | | {n['tlora_pytorch']} | |",
+        f"| batch 1, soft mix | {s['batch1_tok_s']['llama.cpp']} | {s['batch1_tok_s']['tlora']} | | "
+        f"{s['batch1_tok_s']['tlora_pytorch']} | |",
+        f"| {cfg['clients']} clients, hard routing, mixed domains | | | {r['load16_tok_s']['tlora']} "
+        f"({r['load16_errors']['llama-cpp']} errors, {r['load16_mismatches']['llama-cpp']} mismatches) | | "
+        f"{r['load16_tok_s']['tlora_pytorch']} ({r['load16_errors']['torch']} errors, "
+        f"{r['load16_mismatches']['torch']} mismatches) |",
+        f"| {cfg['clients']} clients, soft routing | | | {s['load16_tok_s']['tlora']} "
+        f"({s['load16_errors']['llama-cpp']} errors, {s['load16_mismatches']['llama-cpp']} mismatches) | | "
+        f"{s['load16_tok_s']['tlora_pytorch']} ({s['load16_errors']['torch']} errors, "
+        f"{s['load16_mismatches']['torch']} mismatches) |",
+        "",
+        f"Agreement with the torch float32 engine, greedy first 32 tokens on the load test's "
+        f"{cfg['agreement_prompts']} prompts: F32 {r['agreement_first32']:.0%} (mean log-prob gap "
+        f"{r['mean_logprob_gap']}).",
+        "",
+        "| quantised base (declared fast mode, not exact) | batch 1 tokens/s (library) | agreement, first 32 | "
+        "mean log-prob gap |",
+        "|---|---:|---:|---:|",
+        *[f"| {w} | {v['batch1_tok_s']} | {v['agreement_first32']:.0%} | {v['mean_logprob_gap']} |"
+          for w, v in q.items()],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", type=Path, default=Path("runs/reload-bundle"))
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads of every engine")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--duration", type=float, default=30.0, help="seconds of each load run")
+    ap.add_argument("--prompts", type=int, default=3, help="prompts of the batch-1 measurements")
+    args = ap.parse_args(argv)
+    result = run_engine_bench(args.bundle, args.out, threads=args.threads, reps=args.repeats,
+                              new_tokens=args.new_tokens, clients=args.clients, duration=args.duration,
+                              n_prompts=args.prompts)
+    print(table(result))
