@@ -197,10 +197,7 @@ def base_gguf(model: torch.nn.Module, *, base_id: str, fingerprint: str, weights
                 writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
             else:
                 writer.add_tensor(name, data)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        _finish(writer)
 
     return _write_cached(f"base-{weights}-{_key(base_id, fingerprint, weights, is_default)}.gguf", fill)
 
@@ -297,9 +294,14 @@ def lora_gguf(modules: dict[str, tuple[torch.Tensor, torch.Tensor]], config) -> 
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)  # 0: llama.cpp uses the scale as given
         for name, data in tensors.items():
             writer.add_tensor(name, data)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        _finish(writer)
 
     return _write_cached(f"lora-{_key(digest.hexdigest())}.gguf", fill)
+
+
+def _finish(writer) -> None:
+    """Header, metadata and tensors to the writer's (temporary) file, in gguf's required order."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

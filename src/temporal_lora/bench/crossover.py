@@ -54,11 +54,14 @@ from temporal_lora.bench.common import (
     write_results,
 )
 from temporal_lora.bench.scaling_measure import load_router, measure_routing
-from temporal_lora.bench.scaling_train import domain_router_features, prepare_domains
+from temporal_lora.bench.scaling_train import (
+    domain_router_features,
+    prepare_domains,
+    scaling_corpora,
+)
 from temporal_lora.cache import atomic_write_text
 from temporal_lora.config import TrainConfig, budget_config
 from temporal_lora.corpora import Document
-from temporal_lora.corpora.subdomains import SCALING_DOMAINS, load_subdomains
 from temporal_lora.errors import InputError
 from temporal_lora.evolve.warm_start import router_affinity, warm_start
 from temporal_lora.model import TemporalLoRA
@@ -369,11 +372,7 @@ def run_crossover(out: str | Path, *, work: str | Path | None = None, base: str 
     b = crossover_budget(budget) if isinstance(budget, str) else budget
     b.check()
     cfg = config or replace(budget_config("quick"), router_chunks=b.router_chunks, calib_chunks=b.calib_chunks)
-    if corpora is None:
-        corpora = load_subdomains(SCALING_DOMAINS[: max(b.ns)])
-    domains = list(corpora)[: max(b.ns)]
-    if len(domains) < max(b.ns):
-        raise InputError(f"{max(b.ns)} domains needed, {len(domains)} given")
+    corpora, domains = scaling_corpora(corpora, max(b.ns))
     out = Path(out)
     work = Path(work) if work is not None else out / "crossover-work"
     # The grid (steps, inits, N, seeds) may change between runs: cells are keyed by it. What the

@@ -38,13 +38,13 @@ from temporal_lora.bench.scaling_report import assemble_report, write_scaling
 from temporal_lora.bench.scaling_train import (
     domain_router_features,
     prepare_domains,
+    scaling_corpora,
     train_domain_adapters,
     train_isolation,
     train_multitask_runs,
 )
 from temporal_lora.config import TrainConfig, budget_config
 from temporal_lora.corpora import Document
-from temporal_lora.corpora.subdomains import SCALING_DOMAINS, load_subdomains
 from temporal_lora.errors import InputError
 from temporal_lora.model import TemporalLoRA
 from temporal_lora.routing.features import resolve_feature_spec
@@ -67,11 +67,7 @@ def run_scaling(out: str | Path, *, base: str | None = None, budget: str | Scali
         raise InputError("isolation_n and rank_scaled_ns must be among the domain counts")
     cfg = config or replace(budget_config("quick"), steps=b.steps, router_chunks=b.router_chunks,
                             calib_chunks=b.calib_chunks)
-    if corpora is None:
-        corpora = load_subdomains(SCALING_DOMAINS[: max(b.ns)])
-    domains = list(corpora)[: max(b.ns)]
-    if len(domains) < max(b.ns):
-        raise InputError(f"{max(b.ns)} domains needed, {len(domains)} given")
+    corpora, domains = scaling_corpora(corpora, max(b.ns))
     out = Path(out)
     work = out / "scaling-work"  # not bench's work/: both can live in one --out
     check_recipe(work, {"budget": asdict(b), "train_config": cfg.to_dict(), "domains": domains, "base": base})

@@ -16,6 +16,8 @@ from temporal_lora.adapters import train_adapter
 from temporal_lora.bench.baselines import finish_training, is_trained, train_multitask
 from temporal_lora.bench.common import ScalingBudget
 from temporal_lora.config import EVAL_LENGTHS, TrainConfig, router_prefix_lengths
+from temporal_lora.corpora import Document
+from temporal_lora.corpora.subdomains import SCALING_DOMAINS, load_subdomains
 from temporal_lora.data import dedupe, split_documents
 from temporal_lora.errors import InputError
 from temporal_lora.routing.features import prefix_features
@@ -143,3 +145,13 @@ def domain_router_features(model, spec, data, domains, work: Path, cfg, log) -> 
         t = load_file(str(path))
         out[name] = {"train": t["train"], "calib": t["calib"], "test": t["test"], "seconds": seconds}
     return out
+
+
+def scaling_corpora(corpora: dict[str, list[Document]] | None, n: int) -> tuple[dict, list[str]]:
+    """The first `n` domains: the given corpora (tests) or the 16 real subdomains, with their names."""
+    if corpora is None:
+        corpora = load_subdomains(SCALING_DOMAINS[:n])
+    domains = list(corpora)[:n]
+    if len(domains) < n:
+        raise InputError(f"{n} domains needed, {len(domains)} given")
+    return corpora, domains
