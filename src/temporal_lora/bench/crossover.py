@@ -372,6 +372,10 @@ def run_crossover(out: str | Path, *, work: str | Path | None = None, base: str 
     b = crossover_budget(budget) if isinstance(budget, str) else budget
     b.check()
     cfg = config or replace(budget_config("quick"), router_chunks=b.router_chunks, calib_chunks=b.calib_chunks)
+    if config is None:
+        # One router layer for the whole grid, whose cells are measured over several sessions: the
+        # one its first cells used (the default before it became layers 8+12), so they stay comparable.
+        cfg = replace(cfg, router=replace(cfg.router, features="hidden:-1"))
     corpora, domains = scaling_corpora(corpora, max(b.ns))
     out = Path(out)
     work = Path(work) if work is not None else out / "crossover-work"
