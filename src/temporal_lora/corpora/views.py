@@ -19,7 +19,7 @@ _SIGNATURE = re.compile(r"^\s*(?:async\s+)?(?:def|class)\s+\w+[^\n]*?:\s*(?:#.*)
 _COMMENT = re.compile(r"^\s*#\s+(.+)$")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
 _RST_MARKUP = re.compile(r":[a-z]+:`([^`<]*)(?:<[^>]*>)?`|``([^`]*)``|`([^`<]*)(?:<[^>]*>)?`_*")
-_QUESTION = re.compile(r"[^.!?\n]*\?")
+_TERMINATOR = re.compile(r"([.!?\n])")
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]+")
 _STOP = frozenset("""a an the and or but if of to in on at by for with from as is are was were be been being it its this
 that these those there here what which who whom whose when where why how can could should would may might must
@@ -113,11 +113,19 @@ def questions_in(text: str) -> list[str]:
     """The questions a text asks itself: sentences or headings ending in '?' (5-30 words, prose)."""
     out = []
     for line in headings(text) + [" ".join(text.split())]:
-        for match in _QUESTION.finditer(line):
-            q = clean_markup(match.group(0)).lstrip("-#*>\"' ")
+        for candidate in _question_runs(line):
+            q = clean_markup(candidate).lstrip("-#*>\"' ")
             if 5 <= _words(q) <= 30 and q[:1].isupper() and not re.search(r"[{}<>=\[\]\\]|\(\)", q):
                 out.append(q)
     return list(dict.fromkeys(out))
+
+
+def _question_runs(line: str) -> list[str]:
+    r"""Every run of text between sentence ends (. ! ? or a newline) that ends in '?', with the '?':
+    what the regex `[^.!?\n]*\?` finds, in linear time (that regex backtracks quadratically on long
+    text with few sentence ends, such as source code)."""
+    parts = _TERMINATOR.split(line)  # [text, terminator, text, terminator, ..., text]
+    return [parts[i] + "?" for i in range(0, len(parts) - 1, 2) if parts[i + 1] == "?"]
 
 
 def content_words(text: str) -> set[str]:
