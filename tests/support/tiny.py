@@ -24,7 +24,7 @@ def real_config() -> TrainConfig:
     """Tiny adapters on the real embedded SmolLM2 (the `real` tests' shared bundle)."""
     return TrainConfig(budget="test", block_size=64, batch_size=2, steps=3, lr=1e-3, warmup_steps=1,
                        router_chunks=24, calib_chunks=8, eval_chunks=4,
-                       router=RouterConfig(features="hidden:-1", epochs=200))
+                       router=RouterConfig(epochs=200))  # the default router features
 
 
 def _training_text() -> list[str]:
