@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from temporal_lora.config import AdapterConfig, TrainConfig
+from temporal_lora.conversations import pad_examples
 
 # Domain names are also PEFT adapter names and server model names; these would collide.
 RESERVED_NAMES = ("default", "base", "auto")
@@ -151,15 +152,8 @@ def train_adapter(
 
 def _pad_rows(rows: list[tuple[list[int], list[int] | None]]):
     """Right-padded ids, labels (a chunk's labels are its ids; -100 on padding) and attention mask."""
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (x, y) in enumerate(rows):
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(x)] = torch.tensor(x if y is None else y)
-        mask[i, : len(x)] = 1
-    return ids, labels, mask
+    rows = [(ids, ids if labels is None else labels) for ids, labels in rows]
+    return pad_examples(rows, 0, max(len(ids) for ids, _ in rows))
 
 
 def _cycle(loader):

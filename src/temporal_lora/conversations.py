@@ -265,25 +265,27 @@ def assistant_nll(model, tokenizer, convs: list[Conversation], max_tokens: int =
     import torch
 
     total, count = 0.0, 0
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with torch.no_grad():
         for start in range(0, len(convs), batch_size):
-            examples = [conversation_example(tokenizer, c, max_tokens) for c in convs[start:start + batch_size]]
-            ids, labels, mask = pad_examples(examples, pad, max(len(x) for x, _ in examples))
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            target = labels[:, 1:]
-            total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE,
-                                                             reduction="sum"))
-            count += int((target != IGNORE).sum())
+            nll, n = _assistant_nll_sum(model, tokenizer, convs[start:start + batch_size], max_tokens)
+            total, count = total + float(nll), count + n
     return total, count
 
 
 def assistant_loss(model, tokenizer, convs: list[Conversation], max_tokens: int = 512):
     """Mean next-token loss over assistant tokens only (the SFT objective), as a tensor."""
+    nll, n = _assistant_nll_sum(model, tokenizer, convs, max_tokens)
+    return nll / n
+
+
+def _assistant_nll_sum(model, tokenizer, convs: list[Conversation], max_tokens: int):
+    """(summed next-token NLL as a tensor, count) over the assistant tokens of one batch of `convs`."""
     import torch
 
     examples = [conversation_example(tokenizer, c, max_tokens) for c in convs]
-    ids, labels, mask = pad_examples(examples, tokenizer.pad_token_id, max(len(x) for x, _ in examples))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, labels, mask = pad_examples(examples, pad, max(len(x) for x, _ in examples))
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
     target = labels[:, 1:]
-    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE)
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE, reduction="sum")
+    return nll, int((target != IGNORE).sum())
