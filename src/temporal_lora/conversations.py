@@ -28,7 +28,7 @@ from temporal_lora.corpora import (
 )
 from temporal_lora.data import Splits, split_documents
 from temporal_lora.errors import CorpusError, InputError
-from temporal_lora.text import read_jsonl, tokenize
+from temporal_lora.text import pad_id, read_jsonl, tokenize
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100
@@ -283,7 +283,7 @@ def _assistant_nll_sum(model, tokenizer, convs: list[Conversation], max_tokens: 
     import torch
 
     examples = [conversation_example(tokenizer, c, max_tokens) for c in convs]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     ids, labels, mask = pad_examples(examples, pad, max(len(x) for x, _ in examples))
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
     target = labels[:, 1:]

@@ -24,6 +24,11 @@ def encode_text(tokenizer, text: str, what: str, **kwargs):
         raise InputError(f"{what} is not valid Unicode text") from exc
 
 
+def pad_id(tokenizer) -> int:
+    """The id padding uses: the tokenizer's pad token, else 0 (padding is masked out either way)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def pad_batch(seqs: list[list[int]], pad_id: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Ids [n, width] and attention mask of sequences padded to the longest. Generation pads on the
     left (every row's next token is at the end); router features on the right (positions kept)."""

@@ -34,7 +34,7 @@ from temporal_lora.model import TemporalLoRA
 from temporal_lora.routing.features import pool_prefixes, resolve_feature_spec, token_features
 from temporal_lora.routing.gating import GatingNetwork, fit_router
 from temporal_lora.routing.replay import domain_features
-from temporal_lora.text import pad_batch, tokenize
+from temporal_lora.text import pad_batch, pad_id, tokenize
 
 TRAIN_INITS = ("base", "shared")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -267,7 +267,7 @@ def train_router(tl_model, tokenizer, spec: str, domain_chunks: dict[str, tuple[
     """
     lengths = router_prefix_lengths(cfg.router, cfg.block_size)
     short = short or {}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     turns = turns or {}
     features = {name: router_features(tl_model, spec, RouterText(train_chunks, calib_chunks,
                                                                  *short.get(name, (None, None)), {},

@@ -49,6 +49,7 @@ from temporal_lora.model import TemporalLoRA
 from temporal_lora.routing.gating import fit_router
 from temporal_lora.routing.replay import text_features
 from temporal_lora.storage import read_replay
+from temporal_lora.text import pad_id
 from temporal_lora.train import conversation_tokens, load_domain_data, router_features, router_text
 
 RESULTS = Path("benchmarks/results/styles")
@@ -155,7 +156,7 @@ def _routing(bundle: Path, model, tok, dd, sp, cfg, seed: int, log, base: str | 
     spec = manifest["router"]["features"]
     router_cfg = RouterConfig(**manifest["router"]["config"])
     own = bundle_train_config(manifest)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     turns = user_turn_ids(tok, sp.test, router_cfg.max_tokens)
     feats = text_features(model, spec, turns, pad)
     label = manifest["domains"].index(DOMAIN)

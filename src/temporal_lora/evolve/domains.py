@@ -43,6 +43,7 @@ from temporal_lora.storage import (
     write_router,
     write_splits,
 )
+from temporal_lora.text import pad_id
 from temporal_lora.train import (
     chunks_tensor,
     load_domain_data,
@@ -99,7 +100,7 @@ def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None,
         # The router's features are the frozen base model's: computed before training, they also tell
         # a warm start which old domains the new text is like.
         with add.timed("router_features"):
-            pad = add.tokenizer.pad_token_id if add.tokenizer.pad_token_id is not None else 0
+            pad = pad_id(add.tokenizer)
             replay[name] = router_features(add.model, add.spec, rt, lengths, pad, min_rows=cfg.router_chunks,
                                            with_short=rcfg.router.short_texts > 0)
         old_router = load_router(bundle, manifest["router"], len(old_domains))

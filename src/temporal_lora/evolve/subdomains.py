@@ -31,6 +31,7 @@ from temporal_lora.storage import (
     subrouter_folder,
     write_subrouter,
 )
+from temporal_lora.text import pad_id
 from temporal_lora.train import DomainData, router_features, router_text, validate_domains
 from temporal_lora.versions import commit, copy_files
 
@@ -98,7 +99,7 @@ def add_subdomain(bundle: str | Path, parent: str, name: str, *, data: str | Pat
 
         with add.timed("router"):
             replay = dict(old.replay.get(parent, {}))
-            pad = add.tokenizer.pad_token_id if add.tokenizer.pad_token_id is not None else 0
+            pad = pad_id(add.tokenizer)
             replay[name] = router_features(add.model, add.spec, rt, lengths, pad, min_rows=cfg.router_chunks,
                                            with_short=False)
             children = [*children, name]
