@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     p.add_argument("--engine", default="torch", choices=["torch", "llama-cpp", "auto"],
                    help="local generation: torch (the reference), llama-cpp (pip install "
-                        "'temporal-lora[cpu-engine]'; Llama bases), auto = llama-cpp when it can run the bundle")
+                        "'temporal-lora[cpu-engine]'; Llama bases), auto = llama-cpp at --max-batch 1 when it can run the bundle, else torch")
     p.add_argument("--engine-weights", default="f32", choices=["f32", "q8_0", "q4_1"],
                    help="llama-cpp base weights: f32 = exact (ours, as GGUF); q8_0/q4_1 = faster, not exact")
     p.add_argument("--engine-threads", type=int, default=1, help="llama-cpp CPU threads")

@@ -55,7 +55,8 @@ class ServerSettings:
     reload_poll_s: float = 2.0  # poll the bundle's manifest.json this often (0 = only POST /admin/reload)
     runtime_lora_updates: bool = False  # offer /v1/load_lora_adapter and /v1/unload_lora_adapter (as vLLM does)
     # Local generation: "torch" (the reference), "llama-cpp" (the cpu-engine extra; server/llamacpp_engine.py)
-    # or "auto" (llama-cpp when installed and the base is a Llama, else torch); its weights and threads.
+    # or "auto" (llama-cpp at max_batch 1 when installed and the base is a Llama, else torch;
+    # llamacpp_engine.make_engine); its weights and threads.
     engine: str = "torch"
     engine_weights: str = "f32"
     engine_threads: int = 1
