@@ -186,18 +186,22 @@ class LlamaModel:
 
 
 class LlamaContext:
-    """One llama.cpp context: `n_seq` KV sequences of up to `n_ctx_seq` tokens each, one adapter set
-    at a time. Sequences are independent; only the adapters of the decode call apply to it."""
+    """One llama.cpp context: `n_seq` KV sequences sized for `n_ctx_seq` tokens each, one adapter set
+    at a time. Sequences are independent; only the adapters of the decode call apply to it.
+
+    `unified`: the sequences share one KV buffer of n_seq x n_ctx_seq cells (a decode of many
+    sequences is one attention over it, masked per sequence) instead of one buffer each; the caller
+    keeps each sequence within n_ctx_seq."""
 
     def __init__(self, model: LlamaModel, *, n_seq: int = 1, n_ctx_seq: int = 2048, n_threads: int = 1,
-                 n_batch: int = 512, kv_f32: bool = True):
+                 n_batch: int = 512, kv_f32: bool = True, unified: bool = True):
         self.model, self.ffi, self.lib = model, model.ffi, model.lib
         p = self.lib.llama_context_default_params()
         p.n_ctx = n_seq * n_ctx_seq
         p.n_batch = p.n_ubatch = n_batch
         p.n_seq_max = n_seq
         p.n_threads = p.n_threads_batch = n_threads
-        p.kv_unified = False
+        p.kv_unified = unified
         p.no_perf = True
         if kv_f32:  # the exact path keeps K and V in float32, as the torch engine does
             p.type_k = p.type_v = self.lib.GGML_TYPE_F32

@@ -6,7 +6,7 @@ Batch-1 figures: greedy, up to `new_tokens` new tokens, tokens/s = completion to
 the whole request (routing and prompt included), median over prompts x repeats. "llama.cpp alone" is
 the minimal loop over the same GGUF file: llama_decode + argmax, the adapter set chosen in advance.
 
-    OMP_NUM_THREADS=1 python benchmarks/engine_bench.py --bundle runs/reload-bundle
+    OMP_NUM_THREADS=1 python benchmarks/engine_bench.py --bundle runs/demo/bundle
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from temporal_lora.server.llamacpp_engine import LlamaCppEngine, generate
 from temporal_lora.text import tokenize
 
 OUT = Path("benchmarks/results/serve")
+ENGINES = ("llama.cpp", "tlora", "tlora_pytorch")
 
 
 def _median(xs: list[float]) -> float:
@@ -82,6 +83,60 @@ def _logprob_gap(tl, runtime, ids: list[int], weights: torch.Tensor) -> float:
     nxt = np.array(ids[1:])
     rows = np.arange(len(nxt))
     return float(np.abs(got[rows, nxt] - ref[rows, nxt]).mean())
+
+
+def _llamacpp_step_tok_s(ctx: LlamaContext, sets: list[tuple], batch: int, steps: int) -> float:
+    """Tokens/s of decoding steps of `batch` sequences on one context, the sequences split evenly over
+    the adapter `sets` (one decode call per set per step, as the engine runs them)."""
+    ctx.clear()
+    seqs = list(range(batch))
+    ctx.set_adapters(sets[0])
+    ctx.decode([(q, list(range(100, 116)), 0) for q in seqs])
+    start = time.perf_counter()
+    for i in range(steps):
+        for g, adapters in enumerate(sets):
+            members = seqs[g::len(sets)]
+            if members:
+                ctx.set_adapters(adapters)
+                ctx.decode([(q, [200 + i], 16 + i) for q in members])
+    return batch * steps / (time.perf_counter() - start)
+
+
+def _torch_step_tok_s(tl: TemporalLoRA, weights: torch.Tensor, steps: int) -> float:
+    """Tokens/s of the torch engine's decoding step: one forward of the whole batch, per-row adapters."""
+    batch = len(weights)
+    with torch.no_grad(), tl.mixer.weights(weights):
+        cache = tl.model(input_ids=torch.arange(100, 116).repeat(batch, 1), use_cache=True).past_key_values
+        start = time.perf_counter()
+        for i in range(steps):
+            cache = tl.model(input_ids=torch.full((batch, 1), 200 + i), past_key_values=cache,
+                             use_cache=True).past_key_values
+    return batch * steps / (time.perf_counter() - start)
+
+
+def step_throughput(tl: TemporalLoRA, runtime, threads: int, batches=(1, 4, 16), steps: int = 8,
+                    reps: int = 3) -> dict:
+    """Decoding-step tokens/s by batch size: llama.cpp with one adapter set for the whole batch, and
+    with the batch spread over every domain (hard routing of mixed requests), vs the torch step.
+    This is why the engines rank as they do under load (see the module docstring of the engine)."""
+    n = len(tl.domains)
+    one = [runtime.adapter_set(torch.eye(len(runtime.adapter_files))[0])]
+    every = [runtime.adapter_set(torch.eye(len(runtime.adapter_files))[i]) for i in range(n)]
+    ctx = LlamaContext(runtime.model, n_seq=max(batches), n_ctx_seq=64, n_threads=threads,
+                       kv_f32=runtime.weights == "f32")
+    rows: dict[str, dict[str, float]] = {"llama.cpp, one adapter set": {}, f"llama.cpp, {n} adapter sets": {},
+                                         "torch, per-row adapters": {}}
+    try:
+        for b in batches:
+            mixed = torch.eye(len(runtime.adapter_files))[[i % n for i in range(b)]]
+            calls = {"llama.cpp, one adapter set": lambda b=b: _llamacpp_step_tok_s(ctx, one, b, steps),
+                     f"llama.cpp, {n} adapter sets": lambda b=b: _llamacpp_step_tok_s(ctx, every, b, steps),
+                     "torch, per-row adapters": lambda w=mixed: _torch_step_tok_s(tl, w, steps)}
+            for name, fn in calls.items():
+                rows[name][str(b)] = _median([fn() for _ in range(reps)])
+    finally:
+        ctx.close()
+    return rows
 
 
 def _serve_phase(bundle: Path, engine: str, threads: int, requests: list[dict], clients: int, duration: float,
@@ -133,19 +188,26 @@ def run_engine_bench(bundle: Path, out: Path = OUT, *, threads: int = 1, reps: i
         for variant, route_of in (("routed (hard)", lambda x: Route(route_ids=x)),
                                   ("no adapter", lambda x: Route(domain="base")),
                                   ("soft mix", lambda x: Route(route_ids=x, mode="soft"))):
-            rows = speed.setdefault(variant, {"llama.cpp": [], "tlora": [], "tlora_pytorch": []})
+            rows = speed.setdefault(variant, {"llama.cpp": [], "tlora": [], "tlora_pytorch": [], "ratio": [],
+                                              "decode_share": []})
             for _ in range(reps):
                 for x in batch1:
                     route = route_of(x)
                     w = (_weights_for(tl, x, route.mode) if route.domain is None
                          else torch.zeros(len(tl.mixer.adapter_names)))
                     rows["llama.cpp"].append(_raw_tok_s(alone, x, fast.runtime.adapter_set(w), new_tokens, eos))
+                    fast.decode_seconds, start = 0.0, time.perf_counter()
                     rows["tlora"].append(_engine_tok_s(fast, x, route, new_tokens))
+                    # Of the request's wall time, the share inside llama.cpp's decode calls (the rest:
+                    # routing, sampling, detokenising, the worker thread's hand-offs).
+                    rows["decode_share"].append(fast.decode_seconds / (time.perf_counter() - start))
+                    rows["ratio"].append(rows["tlora"][-1] / rows["llama.cpp"][-1])  # pairs measured back to back
                     rows["tlora_pytorch"].append(_engine_tok_s(reference, x, route, new_tokens))
         greedy32 = Sampling(max_new_tokens=32, temperature=0)
         ref_texts = [generate(reference, [x], route=Route(route_ids=x), sampling=greedy32)[0]["text"] for x in ids]
         fast_texts = [generate(fast, [x], route=Route(route_ids=x), sampling=greedy32)[0]["text"] for x in ids]
         gaps = [_logprob_gap(tl, fast.runtime, x, _weights_for(tl, x, "hard")) for x in ids]
+        steps = step_throughput(tl, fast.runtime, threads)
     finally:
         alone.close()
         alone_model.close()
@@ -173,6 +235,8 @@ def run_engine_bench(bundle: Path, out: Path = OUT, *, threads: int = 1, reps: i
     hard = {e: serve[e]["hard"] for e in serve}
     result = {
         "weights": "f32",
+        "batch1_ratio_vs_llamacpp": {v: round(statistics.median(speed[v]["ratio"]), 3) for v in speed},
+        "batch1_decode_share": {v: round(statistics.median(speed[v]["decode_share"]), 4) for v in speed},
         "batch1_tok_s": {"llama.cpp": _median(speed["routed (hard)"]["llama.cpp"]),
                          "tlora": _median(speed["routed (hard)"]["tlora"]),
                          "tlora_serve": hard["llama-cpp"]["batch1_tok_s"],
@@ -183,13 +247,14 @@ def run_engine_bench(bundle: Path, out: Path = OUT, *, threads: int = 1, reps: i
         "load16_tok_s": {"tlora": hard["llama-cpp"]["tokens_per_s"], "tlora_pytorch": hard["torch"]["tokens_per_s"]},
         "load16_errors": {e: hard[e]["errors"] for e in hard},
         "load16_mismatches": {e: hard[e]["mismatches"] for e in hard},
-        "soft": {"batch1_tok_s": {k: _median(v) for k, v in speed["soft mix"].items()},
+        "soft": {"batch1_tok_s": {k: _median(v) for k, v in speed["soft mix"].items() if k in ENGINES},
                  "load16_tok_s": {"tlora": serve["llama-cpp"]["soft"]["tokens_per_s"],
                                   "tlora_pytorch": serve["torch"]["soft"]["tokens_per_s"]},
                  "load16_errors": {e: serve[e]["soft"]["errors"] for e in serve},
                  "load16_mismatches": {e: serve[e]["soft"]["mismatches"] for e in serve}},
-        "no_adapter_batch1_tok_s": {k: _median(v) for k, v in speed["no adapter"].items()},
+        "no_adapter_batch1_tok_s": {k: _median(v) for k, v in speed["no adapter"].items() if k in ENGINES},
         "quantised": quantised,
+        "step_tok_s": steps,
         "settings": {"bundle": str(bundle), "threads": threads, "repeats": reps, "new_tokens": new_tokens,
                      "batch1_prompts": len(batch1), "agreement_prompts": len(ids), "clients": clients,
                      "load_duration_s": duration, "load_max_tokens": load_max_tokens, "server_max_batch": 16,
@@ -229,6 +294,11 @@ def table(r: dict) -> str:
         f"{s['load16_tok_s']['tlora_pytorch']} ({s['load16_errors']['torch']} errors, "
         f"{s['load16_mismatches']['torch']} mismatches) |",
         "",
+        "Our llama.cpp engine (library) / llama.cpp alone, median of the ratios of requests measured back to "
+        "back: " + ", ".join(f"{v} {x}x" for v, x in r.get("batch1_ratio_vs_llamacpp", {}).items())
+        + "; share of a request's time inside llama.cpp's decode calls: "
+        + ", ".join(f"{v} {x:.1%}" for v, x in r.get("batch1_decode_share", {}).items()) + ".",
+        "",
         f"Agreement with the torch float32 engine, greedy first 32 tokens on the load test's "
         f"{cfg['agreement_prompts']} prompts: F32 {r['agreement_first32']:.0%} (mean log-prob gap "
         f"{r['mean_logprob_gap']}).",
@@ -239,13 +309,19 @@ def table(r: dict) -> str:
         *[f"| {w} | {v['batch1_tok_s']} | {v['agreement_first32']:.0%} | {v['mean_logprob_gap']} |"
           for w, v in q.items()],
         "",
+        "Decoding steps alone (tokens/s of one step of B sequences, F32, no sampling or serving; medians of 3):",
+        "",
+        "| step | " + " | ".join(f"B={b}" for b in r["step_tok_s"]["torch, per-row adapters"]) + " |",
+        "|---|" + "---:|" * len(r["step_tok_s"]["torch, per-row adapters"]),
+        *[f"| {name} | " + " | ".join(str(v) for v in row.values()) + " |" for name, row in r["step_tok_s"].items()],
+        "",
     ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", type=Path, default=Path("runs/reload-bundle"))
+    ap.add_argument("--bundle", type=Path, default=Path("runs/demo/bundle"))
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads of every engine")
     ap.add_argument("--repeats", type=int, default=3)

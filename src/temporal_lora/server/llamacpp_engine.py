@@ -2,17 +2,18 @@
 
 Routing is decided exactly as in the torch `Engine` (`plan_routes`), and every token is picked by the
 same `Decoder` (per-request seed, temperature, top_p, penalties, stop strings) from llama.cpp's logits.
-llama.cpp applies one adapter->scale set to a whole context, and changing it makes the next decode
-re-plan the context's compute graph (slow), so every distinct adapter set gets a context of its own
-(sharing the model's weights); each decoding step runs one call per distinct set among the running
-requests (hard routing: one per domain at most). Each request owns one KV sequence of its set's
-context, cleared before its prompt, so nothing computed under another request or adapter set is ever
-reused; a request without adapters decodes in a context with no adapter set at all.
+llama.cpp applies one adapter->scale set to a whole decode call, so each decoding step runs one call
+per distinct set among the running requests (hard routing: one per domain at most), switching the
+context's set before each (measured: about 4 ms a switch, against 60-170 ms a call). All requests
+share one context whose KV buffer is unified (measured: 1.45x the tokens/s of one buffer per
+sequence at 16 sequences); each request owns one KV sequence of it, cleared before its prompt and
+after its end, so nothing computed under another request or adapter set is ever reused.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,7 +41,7 @@ def llamacpp_unsupported(tl: TemporalLoRA) -> str | None:
 
 
 class LlamaCppRuntime:
-    """The bundle's base and adapters as GGUF files on llama.cpp: one context per adapter set."""
+    """The bundle's base and adapters as GGUF files on llama.cpp, and the engine's context."""
 
     def __init__(self, tl: TemporalLoRA, *, weights: str = "f32", n_seq: int = 8, n_ctx_seq: int | None = None,
                  n_threads: int = 1):
@@ -56,7 +57,7 @@ class LlamaCppRuntime:
         self.n_ctx_seq = int(n_ctx_seq or min(tl.context_length, 2560))
         self.model = LlamaModel(self.base_path)
         self.n_seq, self.n_threads = n_seq, n_threads
-        self.contexts: dict[tuple, LlamaContext] = {}
+        self.context = self._new_context()  # the engine's: one KV sequence per running request
         self._scratch: LlamaContext | None = None
 
     def _new_context(self) -> LlamaContext:
@@ -70,26 +71,17 @@ class LlamaCppRuntime:
             self._scratch = self._new_context()
         return self._scratch
 
-    def context(self, adapters: tuple) -> LlamaContext:
-        """The context of this adapter set (made on first use; its set never changes)."""
-        if adapters not in self.contexts:
-            ctx = self._new_context()
-            ctx.set_adapters(adapters)
-            self.contexts[adapters] = ctx
-        return self.contexts[adapters]
-
-    def drop(self, adapters: tuple) -> None:
-        ctx = self.contexts.pop(adapters, None)
-        if ctx is not None:
-            ctx.close()
+    def decode(self, adapters: tuple, items: list[tuple[int, list[int], int]]) -> list[np.ndarray]:
+        """One decode call on the engine's context under this adapter set (`LlamaContext.decode`)."""
+        self.context.set_adapters(adapters)
+        return self.context.decode(items)
 
     def adapter_set(self, weights: torch.Tensor) -> tuple[tuple[str, float], ...]:
         """One request's adapter weights as llama.cpp's adapter->scale set (zero weights left out)."""
         return tuple((self.adapter_files[i], float(w)) for i, w in enumerate(weights.tolist()) if w != 0.0)
 
     def close(self) -> None:
-        for key in list(self.contexts):
-            self.drop(key)
+        self.context.close()
         if self._scratch is not None:
             self._scratch.close()
         self.model.close()
@@ -126,8 +118,9 @@ class LlamaCppEngine(Engine):
                  name: str = "tlora-llamacpp"):
         self.runtime = LlamaCppRuntime(tl, weights=weights, n_seq=max_batch, n_ctx_seq=n_ctx_seq,
                                        n_threads=n_threads)
-        self._free: dict[tuple, list[int]] = {}  # per adapter set: its context's unused sequences
-        self.decode_calls = 0  # llama_decode calls made for decoding steps (one per adapter set per step)
+        self._free = list(range(max_batch))  # the context's unused KV sequences
+        self.decode_calls = 0  # decode calls made for decoding steps (one per adapter set per step)
+        self.decode_seconds = 0.0  # time inside llama.cpp's decode calls, prompts included (measurements)
         super().__init__(tl, max_batch=max_batch, batch_wait_s=batch_wait_s, on_batch=on_batch, name=name)
 
     def close(self) -> None:
@@ -137,24 +130,24 @@ class LlamaCppEngine(Engine):
 
     def _reset(self) -> None:
         """After a failure every running request has ended: all sequences are free again."""
-        for key in list(self.runtime.contexts):
-            self.runtime.drop(key)
-        self._free = {}
+        self.runtime.context.clear()
+        self._free = list(range(self.max_batch))
 
-    def _take_seq(self, adapters: tuple) -> tuple[LlamaContext, int]:
-        ctx = self.runtime.context(adapters)
-        free = self._free.setdefault(adapters, list(range(self.max_batch)))
-        seq = free.pop()
-        ctx.clear(seq)
-        return ctx, seq
+    def _give_back(self, seq: int) -> None:
+        self.runtime.context.clear(seq)
+        self._free.append(seq)
 
-    def _give_back(self, adapters: tuple, seq: int) -> None:
-        self.runtime.context(adapters).clear(seq)
-        free = self._free[adapters]
-        free.append(seq)
-        if len(adapters) > 1 and len(free) == self.max_batch:  # an idle mix's context: mixes rarely repeat
-            self.runtime.drop(adapters)
-            del self._free[adapters]
+    def _decode_groups(self, items: list[tuple[_Row, list[int]]]) -> None:
+        """Run each row's tokens, one decode call per adapter set; sets each row's logits and position."""
+        groups: dict[tuple, list[tuple[_Row, list[int]]]] = {}
+        for row, tokens in items:
+            groups.setdefault(row.adapters, []).append((row, tokens))
+        for adapters, members in groups.items():
+            start = time.perf_counter()
+            out = self.runtime.decode(adapters, [(row.seq, tokens, row.pos) for row, tokens in members])
+            self.decode_seconds += time.perf_counter() - start
+            for (row, tokens), logits in zip(members, out, strict=True):
+                row.logits, row.pos = logits, row.pos + len(tokens)
 
     @torch.no_grad()
     def _prefill(self, jobs: list[Job]) -> _Rows | None:
@@ -170,11 +163,11 @@ class LlamaCppEngine(Engine):
                 if not job.prompt_ids:
                     job.emit("error", InputError("the prompt is empty"))
                     continue
-                adapters = self.runtime.adapter_set(w)
-                ctx, seq = self._take_seq(adapters)
-                logits = ctx.decode([(seq, job.prompt_ids, 0)])[0]
-                rows.append(_Row(Decoder(job, self.tl.tokenizer, self.eos_ids), seq, adapters,
-                                 len(job.prompt_ids), logits))
+                seq = self._free.pop()
+                self.runtime.context.clear(seq)
+                rows.append(_Row(Decoder(job, self.tl.tokenizer, self.eos_ids), seq, self.runtime.adapter_set(w),
+                                 0, np.empty(0, dtype=np.float32)))
+            self._decode_groups([(row, row.decoder.job.prompt_ids) for row in rows])
         except BaseException:
             self._reset()
             raise
@@ -184,23 +177,17 @@ class LlamaCppEngine(Engine):
     def _step(self, batch: _Rows) -> _Rows | None:
         """Sample one token per request, free finished ones, then one decode call per adapter set."""
         try:
-            tokens = [row.decoder.next_token(torch.from_numpy(row.logits)) for row in batch.rows]
-            live: list[tuple[_Row, int]] = []
-            for row, token in zip(batch.rows, tokens, strict=True):
+            live: list[tuple[_Row, list[int]]] = []
+            for row in batch.rows:
+                token = row.decoder.next_token(torch.from_numpy(row.logits))
                 if row.decoder.finished:
-                    self._give_back(row.adapters, row.seq)
+                    self._give_back(row.seq)
                 else:
-                    live.append((row, token))
+                    live.append((row, [token]))
             if not live:
                 return None
-            groups: dict[tuple, list[tuple[_Row, int]]] = {}
-            for row, token in live:
-                groups.setdefault(row.adapters, []).append((row, token))
-            for adapters, members in groups.items():
-                out = self.runtime.context(adapters).decode([(row.seq, [token], row.pos) for row, token in members])
-                self.decode_calls += 1
-                for (row, _), logits in zip(members, out, strict=True):
-                    row.logits, row.pos = logits, row.pos + 1
+            self.decode_calls += len({row.adapters for row, _ in live})
+            self._decode_groups(live)
             return _Rows([row for row, _ in live])
         except BaseException:
             self._reset()
