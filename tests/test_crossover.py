@@ -4,12 +4,20 @@ trains nothing when run again)."""
 
 import json
 import sysconfig
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from support.tiny import tiny_config
 
-from temporal_lora.bench.crossover import INITS, Cell, CrossoverBudget, plan, run_crossover
+from temporal_lora.bench.crossover import (
+    INITS,
+    Cell,
+    CrossoverBudget,
+    plan,
+    report_crossover,
+    run_crossover,
+)
 from temporal_lora.corpora import Document
 
 _AREAS = {
@@ -120,6 +128,15 @@ def test_resume_keeps_cells_and_trains_nothing(crossover_run, tiny_llama, monkey
         monkeypatch.setattr(f"temporal_lora.{where}.train_adapter", no_training)
     again = _run(out, tiny_llama)
     assert again["cells"] == report["cells"] and again["crossover"] == report["crossover"]
+
+
+def test_report_only_rewrites_results_from_the_cells(crossover_run, tmp_path):
+    out, report, _, _ = crossover_run
+    again = report_crossover(tmp_path, out / "work", _budget())  # no model, no training
+    assert again["crossover"] == report["crossover"]
+    assert json.loads((tmp_path / "crossover.json").read_text()) == report["crossover"]
+    part = report_crossover(tmp_path / "part", out / "work", replace(_budget(), ns=(2,)))
+    assert set(part["crossover"]["4"]["base"]) == {"2"}
 
 
 def test_plan_order():

@@ -15,6 +15,7 @@ from temporal_lora.errors import InputError
 from temporal_lora.evolve import add_subdomain, remove_domain
 from temporal_lora.model import TemporalLoRA
 from temporal_lora.routing.decisions import plan_routes, route_texts
+from temporal_lora.storage import read_hierarchy
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # Two real, clearly different slices of Python's standard library as subdomains of `code`: a
@@ -136,6 +137,13 @@ def test_fallback_to_the_parent_below_the_threshold(hier, corpora):
     for r, row in zip(rows, w, strict=True):
         assert names[int(row.argmax())] == ("code" if r["fallback"] else f"code~{r['subdomain']}")
         assert float(row.sum()) == 1.0
+
+
+def test_sub_router_reads_short_texts_of_every_child(hier):
+    bundle = hier[0]
+    replay = read_hierarchy(bundle, read_manifest(bundle)).replay["code"]
+    for child in CHILDREN:  # headings, first lines, signatures of the child's training documents
+        assert "short" in replay[child] and len(replay[child]["short"]) > 0, child
 
 
 def test_round_trip_save_and_load(hier, corpora, tmp_path):

@@ -359,6 +359,21 @@ def load_cells(work: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
 
 
+def grid_config(b: CrossoverBudget) -> TrainConfig:
+    """The training recipe of every cell: the quick budget with the grid's data sizes."""
+    cfg = replace(budget_config("quick"), router_chunks=b.router_chunks, calib_chunks=b.calib_chunks)
+    # One router layer for the whole grid, whose cells are measured over several sessions: the one
+    # its first cells used (the default before it became layers 8+12), so they stay comparable.
+    return replace(cfg, router=replace(cfg.router, features="hidden:-1"))
+
+
+def report_crossover(out: str | Path, work: str | Path, budget: CrossoverBudget | None = None) -> dict:
+    """Rewrite the results of `budget`'s grid (default: the whole quick grid) from the finished cells
+    in `work`, running nothing (e.g. after runs of partial grids)."""
+    b = budget or CrossoverBudget()
+    return write_crossover(load_cells(Path(work)), b, grid_config(b), Path(out))
+
+
 def run_crossover(out: str | Path, *, work: str | Path | None = None, base: str | None = None,
                   budget: str | CrossoverBudget = "quick", corpora: dict[str, list[Document]] | None = None,
                   config: TrainConfig | None = None, max_cells: int | None = None, progress: bool = True,
@@ -371,11 +386,7 @@ def run_crossover(out: str | Path, *, work: str | Path | None = None, base: str 
     """
     b = crossover_budget(budget) if isinstance(budget, str) else budget
     b.check()
-    cfg = config or replace(budget_config("quick"), router_chunks=b.router_chunks, calib_chunks=b.calib_chunks)
-    if config is None:
-        # One router layer for the whole grid, whose cells are measured over several sessions: the
-        # one its first cells used (the default before it became layers 8+12), so they stay comparable.
-        cfg = replace(cfg, router=replace(cfg.router, features="hidden:-1"))
+    cfg = config or grid_config(b)
     corpora, domains = scaling_corpora(corpora, max(b.ns))
     out = Path(out)
     work = Path(work) if work is not None else out / "crossover-work"
@@ -583,9 +594,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
     p.add_argument("--seeds", type=int, nargs="+", default=list(CrossoverBudget.seeds))
     p.add_argument("--max-cells", type=int, default=None, help="stop after this many new cells")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rewrite the results of the grid from the finished cells in --work")
     a = p.parse_args(argv)
     b = CrossoverBudget(name="custom" if (tuple(a.steps), tuple(a.ns), tuple(a.inits), tuple(a.seeds)) != (
         CrossoverBudget.steps, CrossoverBudget.ns, INITS, CrossoverBudget.seeds) else "quick",
                         steps=tuple(a.steps), ns=tuple(a.ns), inits=tuple(a.inits), seeds=tuple(a.seeds))
-    run_crossover(a.out, work=a.work, base=a.base, budget=b, max_cells=a.max_cells)
+    if a.report_only:
+        report_crossover(a.out, a.work, b)
+    else:
+        run_crossover(a.out, work=a.work, base=a.base, budget=b, max_cells=a.max_cells)
     print((a.out / "crossover.md").read_text(encoding="utf-8"))

@@ -83,10 +83,15 @@ def add_subdomain(bundle: str | Path, parent: str, name: str, *, data: str | Pat
     lengths = old.lengths.get(parent) or manifest["router"].get("training", {}).get("prefix_lengths") or \
         router_prefix_lengths(add.router_cfg, cfg.block_size)
     train_chunks, train_convs = add.rows(dd, label)
-    # The sub-router reads windows of the documents (no other sources or short texts) and user turns.
+    # The sub-router reads windows of the documents, their short views and own questions (the shapes
+    # short user inputs take) and user turns; no other sources. Short texts only when every earlier
+    # child has them too (older bundles' children do not): a sub-router that saw short texts of one
+    # child alone would send every short input there.
+    old_replay = old.replay.get(parent, {})
+    short = cfg.router.short_texts if all("short" in old_replay[c] for c in children) else 0
     with add.timed("chunk"):
-        rt = router_text(dd, add.tokenizer, replace(cfg, router=replace(cfg.router, extra_sources=False, short_texts=0)),
-                         builtin=False)
+        rt = router_text(dd, add.tokenizer, replace(cfg, router=replace(cfg.router, extra_sources=False,
+                                                                        short_texts=short)), builtin=False)
 
     # Trained in the system temp dir (as add-domain does), so a killed run leaves nothing beside the bundle.
     work = Path(tempfile.mkdtemp(prefix=f"tlora-sub-{parent}-{name}-"))
@@ -98,10 +103,10 @@ def add_subdomain(bundle: str | Path, parent: str, name: str, *, data: str | Pat
                             conversations=train_convs)
 
         with add.timed("router"):
-            replay = dict(old.replay.get(parent, {}))
+            replay = dict(old_replay)
             pad = pad_id(add.tokenizer)
             replay[name] = router_features(add.model, add.spec, rt, lengths, pad, min_rows=cfg.router_chunks,
-                                           with_short=False)
+                                           with_short=short > 0)
             children = [*children, name]
             router, router_summary = None, {}
             if len(children) >= 2:
