@@ -32,7 +32,7 @@ from temporal_lora.data import chunk_documents, dedupe, split_documents
 from temporal_lora.questions import generate_questions
 from temporal_lora.routing.features import pool_prefixes, token_features
 from temporal_lora.routing.gating import GatingNetwork, train_gating
-from temporal_lora.text import pad_batch
+from temporal_lora.text import pad_batch, pad_id
 
 LAYERS = (4, 8, 12, 16)
 BLOCK = 128
@@ -149,7 +149,7 @@ def set_features(model, tokenizer, item: dict, *, chat: bool = False, batch_size
                                                    add_generation_prompt=True) if chat else t for t in batch]
             seqs = [tokenizer(t, add_special_tokens=False)["input_ids"][:BLOCK] or [tokenizer.eos_token_id]
                     for t in texts]
-            ids, mask = pad_batch(seqs, tokenizer.pad_token_id or 0, left=False)
+            ids, mask = pad_batch(seqs, pad_id(tokenizer), left=False)
             out.append(pool_prefixes(token_features(model, spec, ids, mask), mask))
     if not out:
         return {}
