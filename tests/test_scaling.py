@@ -152,3 +152,21 @@ def test_cli_bench_scaling_refuses_a_bundle(capsys, tmp_path):
     assert main(["bench", "scaling", "--out", str(tmp_path / "b"), "--bundle", str(tmp_path)]) == 2
     assert "--bundle is not used" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_warm_started_chain(tmp_path, tiny_llama):
+    """init=nearest: the first domain's adapter starts fresh, each later one from the adapter of an
+    earlier domain (the one the router fit on the earlier domains ranks first), as recorded."""
+    from dataclasses import replace
+
+    b = replace(_budget(), ns=(3,), rank_scaled_ns=(), isolation_n=3, add_domain_demo=False, init="nearest")
+    corpora = dict(list(_corpora().items())[:3])
+    report = run_scaling(tmp_path / "bench", base=str(tiny_llama), budget=b, corpora=corpora, config=tiny_config(),
+                         progress=False, log=lambda *a: None)
+    names = list(corpora)
+    train = {d: json.loads((tmp_path / "bench/scaling-work/adapters" / d / "training.json").read_text()) for d in names}
+    assert train[names[0]]["init"] == "base" and "init_from" not in train[names[0]]
+    assert train[names[1]]["init"] == "nearest" and train[names[1]]["init_from"] == names[0]
+    aff = train[names[2]]["affinity"]
+    assert set(aff) == set(names[:2]) and train[names[2]]["init_from"] == max(aff, key=aff.get)
+    assert report["budget"]["init"] == "nearest" and any("adapter init: nearest" in n for n in report["notes"])

@@ -195,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="bench.json, bench.md, plots (and work/)")
     p.add_argument("--bundle", type=Path, default=None, help="bundle to measure (default: train one into OUT/work)")
     p.add_argument("--budget", default="quick", choices=["quick", "full"])
+    p.add_argument("--steps", type=int, default=None,
+                   help="scaling: training steps per domain (default: the budget's; the core quick recipe is 40)")
+    p.add_argument("--init", default=None, choices=["base", "nearest", "blend"],
+                   help="scaling: where each domain's adapter starts (default base)")
     _add_base(p)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with automatic routing and a playground page")
@@ -461,7 +465,13 @@ def cmd_bench(args) -> None:
             from temporal_lora.errors import InputError
 
             raise InputError("bench scaling trains its own adapters; --bundle is not used")
-        run_scaling(args.out, base=args.base, budget=args.budget)
+        from dataclasses import replace
+
+        from temporal_lora.bench.scaling import scaling_budget
+
+        budget = scaling_budget(args.budget)
+        budget = replace(budget, steps=args.steps or budget.steps, init=args.init or budget.init)
+        run_scaling(args.out, base=args.base, budget=budget)
         print((args.out / "scaling.md").read_text(encoding="utf-8"))
         print(f"written to {args.out}/scaling.json, scaling.md and PNG plots")
         return

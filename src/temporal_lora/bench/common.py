@@ -68,6 +68,9 @@ class ScalingBudget:
     isolation_n: int = 4  # multitask retrained on this many domains for the isolation figure
     isolation_chunks: int = 6  # test chunks per other domain checked bit for bit (all 15 others)
     add_domain_demo: bool = True  # a real add_domain on a bundle whose old corpora are deleted
+    # Where each domain's adapter starts (evolve/warm_start.py): base, or nearest/blend from the
+    # adapters of the domains added before it, weighted by the router fit on those domains.
+    init: str = "base"
 
 
 def scaling_budget(name: str) -> ScalingBudget:

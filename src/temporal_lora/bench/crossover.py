@@ -37,7 +37,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -55,6 +55,7 @@ from temporal_lora.bench.common import (
 )
 from temporal_lora.bench.scaling_measure import load_router, measure_routing
 from temporal_lora.bench.scaling_train import (
+    chain_affinity,
     domain_router_features,
     prepare_domains,
     scaling_corpora,
@@ -63,11 +64,10 @@ from temporal_lora.cache import atomic_write_text
 from temporal_lora.config import TrainConfig, budget_config
 from temporal_lora.corpora import Document
 from temporal_lora.errors import InputError
-from temporal_lora.evolve.warm_start import router_affinity, warm_start
+from temporal_lora.evolve.warm_start import warm_start
 from temporal_lora.model import TemporalLoRA
 from temporal_lora.routing.decisions import mix_weights
 from temporal_lora.routing.features import resolve_feature_spec
-from temporal_lora.routing.gating import fit_router
 from temporal_lora.scoring import adapter_nll, perplexity, routed_nll
 from temporal_lora.train import round_robin
 
@@ -184,7 +184,6 @@ class _Run:
     phases: Phases
     progress: bool
     log: object
-    affinity: dict = field(default_factory=dict)
 
     # -------------------------------------------------------- router features, fits, affinities
     def features(self, n: int) -> dict:
@@ -198,22 +197,7 @@ class _Run:
 
     def affinity_of(self, i: int) -> dict[str, float]:
         """Router affinity of domain i's text to domains 0..i-1 (the router fit on those i)."""
-        path = self.work / "affinity.json"
-        if not self.affinity and path.is_file():
-            self.affinity.update(json.loads(path.read_text()))
-        d = self.domains[i]
-        if d not in self.affinity:
-            old = self.domains[:i]
-            if i == 1:
-                aff = {old[0]: 1.0}
-            else:
-                feats = self.features(i + 1)
-                net, _ = fit_router({o: {"train": feats[o]["train"], "calib": feats[o]["calib"]} for o in old},
-                                    self.cfg.router, seed=self.cfg.seed)
-                aff = router_affinity(net, feats[d]["train"], old)
-            self.affinity[d] = aff
-            atomic_write_text(path, json.dumps(self.affinity, indent=1))
-        return self.affinity[d]
+        return chain_affinity(self.features(i + 1), self.domains, i, self.cfg, self.work / "affinity.json")
 
     # -------------------------------------------------------- training (each adapter cached)
     def root(self, steps: int, seed: int) -> Path:

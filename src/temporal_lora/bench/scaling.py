@@ -15,7 +15,9 @@ On N = 2, 4, 8, 16 real domains (corpora/subdomains.py) with the same per-domain
   change on the other domains is measured after retraining it with that domain's new data;
 - router accuracy (and confusion) as N grows.
 
-The 16 per-domain adapters are independent, so they serve every N. Each trained adapter, feature
+The 16 per-domain adapters serve every N: with the base init they are independent; with a warm
+start (`ScalingBudget.init`: nearest or blend, evolve/warm_start.py) domain i starts from the
+adapters of the domains added before it, as `add-domain --init` does. Each trained adapter, feature
 set and finished phase is stored under `<out>/scaling-work/` at once; an interrupted run resumes there.
 """
 
@@ -46,6 +48,7 @@ from temporal_lora.bench.scaling_train import (
 from temporal_lora.config import TrainConfig, budget_config
 from temporal_lora.corpora import Document
 from temporal_lora.errors import InputError
+from temporal_lora.evolve.warm_start import check_init
 from temporal_lora.model import TemporalLoRA
 from temporal_lora.routing.features import resolve_feature_spec
 
@@ -78,7 +81,10 @@ def run_scaling(out: str | Path, *, base: str | None = None, budget: str | Scali
     spec = resolve_feature_spec(cfg.router.features, len(decoder_layers(model)))
     data = prepare_domains(corpora, domains, tokenizer, cfg, b)
 
-    adapters = train_domain_adapters(model, data, work, cfg, progress, log)
+    check_init(b.init)
+    adapters = train_domain_adapters(
+        model, data, work, cfg, progress, log, init=b.init,
+        features=lambda n, m=model: domain_router_features(m, spec, data, domains[:n], work, cfg, log))
     multitask = train_multitask_runs(model, data, domains, work, cfg, b, progress, log)
     iso_domain = domains[0]
     isolation_dirs = train_isolation(model, data, domains, iso_domain, work, cfg, b, multitask, progress, log)

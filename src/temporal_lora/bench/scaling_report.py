@@ -94,6 +94,9 @@ def assemble_report(domains, corpora, data, b: ScalingBudget, cfg: TrainConfig, 
             f"({b.ppl_chunks} chunks of {cfg.block_size} tokens from held-out documents, paired across strategies)",
             "routed: hard routing by the router refit on the first N domains; a misrouted chunk is scored "
             "with the adapter it was routed to",
+            f"adapter init: {b.init}" + ("" if b.init == "base" else
+                                         " (domain i starts from the adapters of domains 0..i-1, weighted by the "
+                                         "router fit on them; the first domain starts fresh)"),
             f"multitask: one LoRA (r={cfg.adapter.r}) on the union of the N domains' training chunks, N x "
             f"{cfg.steps} steps; rank-scaled: r={cfg.adapter.r} x N, alpha scaled alike, at N in {list(b.rank_scaled_ns)}",
             "add cost: measured wall seconds of adding the N-th domain (N-1 -> N): Temporal LoRA = that "
@@ -113,7 +116,8 @@ def markdown(r: dict) -> str:
     lines = ["# Scaling: Temporal LoRA vs one multitask LoRA as domains are added", "",
              f"Domains (in the order they are added): {', '.join(r['domains'])}.", "",
              f"Per-domain budget: {r['train_config']['steps']} steps x {r['train_config']['batch_size']} x "
-             f"{r['train_config']['block_size']} tokens, LoRA r={r['train_config']['adapter']['r']}. {r['hardware']}.", "",
+             f"{r['train_config']['block_size']} tokens, LoRA r={r['train_config']['adapter']['r']}, "
+             f"{r['budget'].get('init', 'base')} init. {r['hardware']}.", "",
              "## Quality (geometric-mean test perplexity over the first N domains; lower is better)", "",
              "| N | base | oracle | routed (ours) | multitask | multitask rank x N | routed / multitask | "
              "multitask / oracle | router accuracy |",

@@ -4,6 +4,7 @@ stored under the work folder at once and reused by a rerun."""
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,12 +16,15 @@ from safetensors.torch import load_file, save_file
 from temporal_lora.adapters import train_adapter
 from temporal_lora.bench.baselines import finish_training, is_trained, train_multitask
 from temporal_lora.bench.common import ScalingBudget
+from temporal_lora.cache import atomic_write_text
 from temporal_lora.config import EVAL_LENGTHS, TrainConfig, router_prefix_lengths
 from temporal_lora.corpora import Document
 from temporal_lora.corpora.subdomains import SCALING_DOMAINS, load_subdomains
 from temporal_lora.data import dedupe, split_documents
 from temporal_lora.errors import InputError
+from temporal_lora.evolve.warm_start import router_affinity, warm_start
 from temporal_lora.routing.features import prefix_features
+from temporal_lora.routing.gating import fit_router
 from temporal_lora.routing.replay import domain_features
 from temporal_lora.train import DomainData, chunks_tensor
 
@@ -68,15 +72,43 @@ def prepare_domains(corpora, domains, tokenizer, cfg: TrainConfig, b: ScalingBud
 # ---------------------------------------------------------------- training (each result cached)
 
 
-def train_domain_adapters(model, data, work: Path, cfg, progress, log) -> dict[str, Path]:
+def train_domain_adapters(model, data, work: Path, cfg, progress, log, *, init: str = "base",
+                          features=None) -> dict[str, Path]:
+    """One adapter per domain, in the order the domains are added. With init nearest/blend, domain
+    i starts from the adapters of domains 0..i-1 (`chain_affinity` over `features`, a callable
+    n -> router features of the first n domains); the first domain starts fresh."""
     dirs = {}
-    for i, (name, d) in enumerate(data.items()):
+    names = list(data)
+    for i, name in enumerate(names):
         folder = work / "adapters" / name
         if not is_trained(folder):
-            log(f"[scaling] adapter {i + 1}/{len(data)}: '{name}' ({cfg.steps} steps)")
-            finish_training(folder, train_adapter(model, d.train, folder, cfg, desc=name, progress=progress))
+            init_from, info = None, {"init": "base"}
+            if init != "base" and i > 0:
+                affinity = chain_affinity(features(i + 1), names, i, cfg, work / "affinity.json")
+                init_from, info = warm_start(init, affinity, dict(dirs), work / "adapters" / f".{name}-init")
+            log(f"[scaling] adapter {i + 1}/{len(data)}: '{name}' ({cfg.steps} steps, {info['init']} init)")
+            finish_training(folder, train_adapter(model, data[name].train, folder, cfg, desc=name,
+                                                  progress=progress, init_from=init_from) | info)
         dirs[name] = folder
     return dirs
+
+
+def chain_affinity(features: dict[str, dict], domains: list[str], i: int, cfg: TrainConfig,
+                   path: Path) -> dict[str, float]:
+    """Router affinity of domain i's training text to domains 0..i-1: the probabilities of a router
+    fit on those i domains' stored features, as `add_domain` reads them from a bundle's router.
+    Cached in `path` (one JSON for every domain of a chain)."""
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    d, old = domains[i], domains[:i]
+    if d not in cache:
+        if i == 1:
+            cache[d] = {old[0]: 1.0}
+        else:
+            net, _ = fit_router({o: {"train": features[o]["train"], "calib": features[o]["calib"]} for o in old},
+                                cfg.router, seed=cfg.seed)
+            cache[d] = router_affinity(net, features[d]["train"], old)
+        atomic_write_text(path, json.dumps(cache, indent=1))
+    return cache[d]
 
 
 def rank_scaled(cfg: TrainConfig, n: int) -> TrainConfig:
