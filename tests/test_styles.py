@@ -270,18 +270,21 @@ def test_rewards_resist_degenerate_text():
 
 @pytest.mark.real
 def test_real_model_style_on_a_tiny_budget(real_bundle, tmp_path):
-    """SmolLM2: a plain style from on-policy pairs (tiny budget), then chosen per request."""
+    """SmolLM2: a plain style from two on-policy rounds (tiny budget), then chosen per request."""
     _, path = real_bundle
     dst = tmp_path / "bundle"
     shutil.copytree(path, dst)
-    cfg = StyleConfig(budget="test", prompts=4, samples=3, prompt_tokens=32, max_new_tokens=24, steps=2,
+    cfg = StyleConfig(budget="test", prompts=4, samples=3, prompt_tokens=32, max_new_tokens=24, rounds=2, steps=1,
                       batch_size=2, max_length=96, min_gap=0.0)
     try:
         report = add_style(dst, "medical", "plain", reward="plain", config=cfg, progress=False, log=_quiet)
     except CorpusError as exc:  # four prompts may all yield degenerate samples; the bundle is unchanged then
         assert "usable pairs" in str(exc)
         return
-    assert report["training"]["steps"] == 2 and report["source"]["pairs"] >= 2
+    assert report["training"]["steps"] == 2 and report["source"]["pairs"] >= 4
+    rounds = report["source"]["rounds"]
+    assert len(rounds) == 2 and sum(r["pairs"] for r in rounds) == report["source"]["pairs"]
+    assert [r["steps"] for r in report["training"]["rounds"]] == [1, 1]
     tl = TemporalLoRA.from_pretrained(dst)
     g = tl.generate(["The patient was admitted with chest pain."], domain="medical", style="plain",
                     max_new_tokens=4)[0]

@@ -5,6 +5,9 @@ The style adapter starts as a copy of the domain's adapter and is trained with T
 on preference pairs: a user's JSONL in TRL's standard preference format (prompt, chosen,
 rejected), or pairs built on-policy with a built-in reward (rewards.py): K completions per prompt
 sampled from the domain's adapter (prompts from the domain's *training* documents), best vs worst.
+Built-in rewards run in on-policy rounds (iterative DPO): round r samples fresh prompts from the
+policy that round r-1 trained, so later pairs contrast answers the style already writes and push
+further in the reward's direction; every round keeps the parent adapter as the frozen reference.
 TRL gives a PeftModel whose adapter is being re-trained a frozen copy of it named "ref" and
 computes the reference log-probabilities with that adapter: the reference is the parent adapter,
 not the bare base model. A new bundle version is written in which every other file is
@@ -53,7 +56,8 @@ class StyleConfig:
     temperature: float = 1.0
     top_p: float = 0.95
     min_gap: float = 5.0  # a pair is kept only if best and worst differ by this much reward
-    steps: int = 48
+    rounds: int = 2  # built-in rewards: on-policy rounds (round r samples from round r-1's policy)
+    steps: int = 32  # DPO steps per round
     batch_size: int = 4
     lr: float = 5e-4
     beta: float = 0.1
@@ -67,7 +71,7 @@ class StyleConfig:
 
 STYLE_BUDGETS = {
     "quick": StyleConfig(),
-    "full": StyleConfig(budget="full", prompts=200, samples=6, max_new_tokens=64, steps=300, lr=2e-4),
+    "full": StyleConfig(budget="full", prompts=200, samples=6, max_new_tokens=64, steps=150, lr=2e-4),
 }
 
 
@@ -184,12 +188,16 @@ def build_pairs(prompts: list[str], completions: list[list[str]], reward: str, m
 
 
 # ------------------------------------------------------------------------------------------ DPO
-def train_dpo(peft_model, tokenizer, pairs: list[dict], cfg: StyleConfig, work: Path, *, progress: bool) -> dict:
+def train_dpo(peft_model, tokenizer, pairs: list[dict], cfg: StyleConfig, work: Path, *, progress: bool,
+              start: dict[str, torch.Tensor] | None = None) -> dict:
     """DPO on `peft_model`, whose adapter "default" is the policy (a copy of the parent adapter);
-    TRL adds the frozen reference "ref" as a copy of it. Returns a training summary."""
+    TRL adds the frozen reference "ref" as a copy of it. `start` (a later on-policy round) is the
+    policy's LoRA state to continue from, loaded after TRL copied the parent into "ref", so the
+    reference stays the parent. Returns a training summary."""
     import time
 
     from datasets import Dataset
+    from peft import set_peft_model_state_dict
     from transformers.utils import logging as hf_logging
     from trl import DPOConfig, DPOTrainer
 
@@ -201,11 +209,15 @@ def train_dpo(peft_model, tokenizer, pairs: list[dict], cfg: StyleConfig, work: 
         loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight else None, max_length=cfg.max_length,
         logging_steps=1, report_to=[], save_strategy="no", seed=cfg.seed, data_seed=cfg.seed,
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=not progress,
-        bf16=False, fp16=False)
+        bf16=False, fp16=False,
+        # The reference is frozen: its log-probs are computed once, not again every epoch.
+        precompute_ref_log_probs=True)
     trainer = DPOTrainer(model=peft_model, args=args, train_dataset=Dataset.from_list(pairs),
                          processing_class=tokenizer)
     if "ref" not in trainer.model.peft_config:
         raise RuntimeError("TRL did not set up the parent adapter as the DPO reference")
+    if start is not None:
+        set_peft_model_state_dict(trainer.model, start, adapter_name="default")
     reference = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".ref." in n}
     start = time.perf_counter()
     trainer.train()
@@ -248,6 +260,39 @@ def implicit_margins(peft_model, tokenizer, pairs: list[dict], policy: str, refe
     return out
 
 
+def on_policy_pairs(add: Addition, domain: str, parent_dir: Path, state: dict | None, reward: str,
+                    cfg: StyleConfig, r: int, progress: bool, log) -> tuple[list[dict], dict]:
+    """Round r's pairs: fresh prompts from the domain's training documents, K answers each sampled
+    from the parent adapter (round 0) or from the policy that round r-1 trained (`state`), best vs
+    worst under `reward`."""
+    from peft import PeftModel, set_peft_model_state_dict
+
+    tokenizer = add.tokenizer
+    with add.timed("prompts"):
+        train_docs, _ = training_documents(add.bundle, add.manifest, domain)
+        prompts = domain_prompts(tokenizer, train_docs, cfg.prompts, cfg.prompt_tokens, cfg.seed + r)
+    if not prompts:
+        raise CorpusError(f"no training document of {domain!r} is {cfg.prompt_tokens} tokens long")
+    with add.timed("sampling"):
+        sampler = PeftModel.from_pretrained(add.model, str(parent_dir))
+        if state is not None:
+            set_peft_model_state_dict(sampler, state)
+        sampler.eval()
+        log(f"sampling {cfg.samples} answers to each of {len(prompts)} prompts from "
+            f"{'the parent' if state is None else f'the round-{r} policy'} of '{domain}'")
+        completions = sample_completions(sampler, tokenizer, prompts, k=cfg.samples,
+                                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                         top_p=cfg.top_p, seed=cfg.seed + r, progress=progress)
+        sampler.unload()
+    with add.timed("scoring"):
+        pairs, info = build_pairs(prompts, completions, reward, cfg.min_gap)
+    if len(pairs) < 2:
+        raise CorpusError(f"reward {reward!r} found fewer than 2 usable pairs in {len(prompts)} prompts of "
+                          f"{domain!r}; use a larger budget")
+    random.Random(cfg.seed + r).shuffle(pairs)
+    return pairs, info
+
+
 # ------------------------------------------------------------------------------------------ the recipe
 def check_style_name(manifest: dict, bundle: Path, domain: str, name: str) -> None:
     if domain not in manifest["domains"]:
@@ -274,7 +319,7 @@ def add_style(bundle: str | Path, domain: str, name: str, *, preferences: str | 
     built-in reward: plain, formal, concise) gives the pairs. `make_default` makes it the style
     the domain answers in when a request names none. Every other file is carried over byte for byte.
     """
-    from peft import PeftModel
+    from peft import PeftModel, get_peft_model_state_dict
 
     add = Addition(bundle, budget=None, seed=seed, config=None)
     bundle, manifest = add.bundle, add.manifest
@@ -293,39 +338,35 @@ def add_style(bundle: str | Path, domain: str, name: str, *, preferences: str | 
     parent_dir = safe_path(bundle, manifest["adapters"][domain]["path"])
     work = Path(tempfile.mkdtemp(prefix=f"tlora-style-{domain}-{name}-"))
     try:
-        source_info: dict
         if user_pairs is not None:
             check_pair_lengths(user_pairs, tokenizer, limit, str(preferences))
-            pairs = user_pairs
-            source_info = {"preferences": str(Path(preferences).resolve()), "pairs": len(pairs)}
+            # The user's pairs are fixed: one round with the steps of every on-policy round.
+            rounds = [(user_pairs, cfg.steps * cfg.rounds)]
+            source_info: dict = {"preferences": str(Path(preferences).resolve()), "pairs": len(user_pairs)}
         else:
-            with add.timed("prompts"):
-                train_docs, _ = training_documents(bundle, manifest, domain)
-                prompts = domain_prompts(tokenizer, train_docs, cfg.prompts, cfg.prompt_tokens, cfg.seed)
-            if not prompts:
-                raise CorpusError(f"no training document of {domain!r} is {cfg.prompt_tokens} tokens long")
-            with add.timed("sampling"):
-                sampler = PeftModel.from_pretrained(add.model, str(parent_dir))
-                sampler.eval()
-                log(f"sampling {cfg.samples} answers to each of {len(prompts)} prompts from '{domain}'")
-                completions = sample_completions(sampler, tokenizer, prompts, k=cfg.samples,
-                                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                                 top_p=cfg.top_p, seed=cfg.seed, progress=progress)
-                sampler.unload()
-            with add.timed("scoring"):
-                pairs, pair_info = build_pairs(prompts, completions, reward, cfg.min_gap)
-            if len(pairs) < 2:
-                raise CorpusError(f"reward {reward!r} found fewer than 2 usable pairs in {len(prompts)} prompts of "
-                                  f"{domain!r}; use a larger budget")
-            source_info = {"reward": reward, **pair_info}
-            random.Random(cfg.seed).shuffle(pairs)
-        with add.timed("dpo"):
-            policy = PeftModel.from_pretrained(add.model, str(parent_dir), is_trainable=True)
-            log(f"training style '{label}' with DPO on {len(pairs)} pairs ({cfg.steps} steps; "
-                f"reference: the '{domain}' adapter)")
-            summary = train_dpo(policy, tokenizer, pairs, cfg, work, progress=progress)
-            save_peft_adapters(policy, work / name, selected_adapters=["default"])
-            policy.unload()
+            rounds = [(None, cfg.steps)] * cfg.rounds
+            source_info = {"reward": reward, "pairs": 0, "rounds": []}
+        state, pairs_made, summaries = None, [], []
+        for r, (pairs, steps) in enumerate(rounds):
+            if pairs is None:
+                pairs, pair_info = on_policy_pairs(add, domain, parent_dir, state, reward, cfg, r, progress, log)
+                source_info["rounds"].append(pair_info)
+                source_info["pairs"] += len(pairs)
+                pairs_made += pairs
+            with add.timed("dpo"):
+                policy = PeftModel.from_pretrained(add.model, str(parent_dir), is_trainable=True)
+                log(f"training style '{label}' with DPO on {len(pairs)} pairs ({steps} steps"
+                    f"{f', round {r + 1} of {len(rounds)}' if len(rounds) > 1 else ''}; reference: the '{domain}' adapter)")
+                summaries.append(train_dpo(policy, tokenizer, pairs, replace(cfg, steps=steps), work,
+                                           progress=progress, start=state))
+                state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(policy).items()}
+                if r == len(rounds) - 1:
+                    save_peft_adapters(policy, work / name, selected_adapters=["default"])
+                policy.unload()
+        summary = {**summaries[-1], "steps": sum(x["steps"] for x in summaries), "pairs": source_info["pairs"]}
+        if len(summaries) > 1:
+            summary["rounds"] = summaries
+        pairs = pairs_made
         if fingerprint(add.model) != manifest["base_model"]["fingerprint"]:
             raise RuntimeError("base model weights changed during style training")
         if user_pairs is None:
