@@ -5,9 +5,11 @@ The style adapter starts as a copy of the domain's adapter and is trained with T
 on preference pairs: a user's JSONL in TRL's standard preference format (prompt, chosen,
 rejected), or pairs built on-policy with a built-in reward (rewards.py): K completions per prompt
 sampled from the domain's adapter (prompts from the domain's *training* documents), best vs worst.
-Built-in rewards run in on-policy rounds (iterative DPO): round r samples fresh prompts from the
-policy that round r-1 trained, so later pairs contrast answers the style already writes and push
-further in the reward's direction; every round keeps the parent adapter as the frozen reference.
+Built-in rewards can run in on-policy rounds (iterative DPO, `StyleConfig.rounds`): round r samples
+fresh prompts from the policy that round r-1 trained; every round keeps the parent adapter as the
+frozen reference. Measured on legal (benchmarks/results/styles/styles.json "experiments"), a second
+round at the quick budget moved neither the win rate nor the readability and cost perplexity, so the
+budgets use one round.
 TRL gives a PeftModel whose adapter is being re-trained a frozen copy of it named "ref" and
 computes the reference log-probabilities with that adapter: the reference is the parent adapter,
 not the bare base model. A new bundle version is written in which every other file is
@@ -56,8 +58,8 @@ class StyleConfig:
     temperature: float = 1.0
     top_p: float = 0.95
     min_gap: float = 5.0  # a pair is kept only if best and worst differ by this much reward
-    rounds: int = 2  # built-in rewards: on-policy rounds (round r samples from round r-1's policy)
-    steps: int = 32  # DPO steps per round
+    rounds: int = 1  # built-in rewards: on-policy rounds (round r samples from round r-1's policy)
+    steps: int = 48  # DPO steps per round
     batch_size: int = 4
     lr: float = 5e-4
     beta: float = 0.1
@@ -71,7 +73,7 @@ class StyleConfig:
 
 STYLE_BUDGETS = {
     "quick": StyleConfig(),
-    "full": StyleConfig(budget="full", prompts=200, samples=6, max_new_tokens=64, steps=150, lr=2e-4),
+    "full": StyleConfig(budget="full", prompts=200, samples=6, max_new_tokens=64, steps=300, lr=2e-4),
 }
 
 
