@@ -200,6 +200,24 @@ def test_conversation_only_domain_trains_and_routes_its_user_turns(conv_bundle):
     assert tl.route(["def wrap(text, width=70):\n    return TextWrapper(width=width).wrap(text)"])[0].domain == "code"
 
 
+def test_eval_measures_conversation_domains_on_their_held_out_conversations(conv_bundle, tmp_path):
+    """`tlora eval` on a bundle with a conversation-only domain: documents for `code` as before, and
+    the held-out conversations of `cooking`: assistant-token perplexity and routing of the user turns."""
+    from temporal_lora.evaluate import evaluate_bundle
+
+    tl, out = conv_bundle
+    report = evaluate_bundle(tl, tmp_path / "eval", ppl_chunks=2, router_chunks=4, progress=False)
+    assert set(report["perplexity"]["base"]) == {"code"} and set(report["router"]["test_chunks"]) == {"code"}
+    conv = report["conversations"]
+    test_ids = json.loads((out / "data" / "splits.json").read_text())["cooking"]["conversations"]["test_ids"]
+    assert set(conv) == {"cooking"} and conv["cooking"]["test_conversations"] == len(test_ids)
+    ppl = conv["cooking"]["assistant_ppl"]
+    assert conv["cooking"]["routing_user_turns"] == 1.0 and ppl["routed"] == ppl["oracle"]  # every turn routed right
+    assert ppl["oracle"] < ppl["base"]  # the adapter learned the domain's answers
+    md = (tmp_path / "eval" / "report.md").read_text()
+    assert "Held-out conversations" in md and "| cooking |" in md
+
+
 def test_documents_and_conversations_mix_in_one_domain(chat_llama, corpus_files, tmp_path, capsys):
     from temporal_lora.cli import main
 

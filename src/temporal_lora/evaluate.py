@@ -1,4 +1,6 @@
-"""Evaluate a bundle on its held-out test documents: routing quality and perplexity per strategy."""
+"""Evaluate a bundle on its held-out test documents: routing quality and perplexity per strategy;
+and, for domains trained on conversations, on their held-out conversations: assistant-token
+perplexity and routing of the user turns (what the router reads when serving)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,12 @@ import torch
 
 from temporal_lora.cache import atomic_write_text
 from temporal_lora.config import EVAL_LENGTHS
+from temporal_lora.conversations import (
+    Conversation,
+    assistant_nll,
+    load_domain_texts,
+    user_turn_ids,
+)
 from temporal_lora.corpora import load_domain, source_paths
 from temporal_lora.data import chunk_documents
 from temporal_lora.errors import BundleError, CorpusError
@@ -22,8 +30,10 @@ from temporal_lora.scoring import perplexity
 STRATEGIES = ("base", "oracle", "routed", "soft")
 
 
-def held_out_chunks(tl: TemporalLoRA, n: int, *, block_size: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Chunks of each domain's *test* documents, as recorded in the bundle at training time."""
+def held_out_chunks(tl: TemporalLoRA, n: int, *, block_size: int = 128, seed: int = 0,
+                    documents_only: bool = False) -> dict[str, torch.Tensor]:
+    """Chunks of each domain's *test* documents, as recorded in the bundle at training time.
+    A domain trained on conversations only is an error, or left out with `documents_only`."""
     splits = tl.info.get("data") or {}
     result = {}
     for domain in tl.domains:
@@ -32,6 +42,8 @@ def held_out_chunks(tl: TemporalLoRA, n: int, *, block_size: int = 128, seed: in
             raise BundleError(f"bundle has no recorded test split for domain {domain!r}")
         source = info["source"]
         if not info["test_ids"] and info.get("conversations"):
+            if documents_only:
+                continue
             raise CorpusError(f"domain {domain!r} has conversations only; the report measures test documents")
         paths = source_paths(domain, source)
         wanted = set(info["test_ids"])
@@ -43,6 +55,50 @@ def held_out_chunks(tl: TemporalLoRA, n: int, *, block_size: int = 128, seed: in
             raise CorpusError(f"no test document of {domain!r} is {block_size} tokens long")
         result[domain] = torch.tensor(chunks, dtype=torch.long)
     return result
+
+
+def held_out_conversations(tl: TemporalLoRA) -> dict[str, list[Conversation]]:
+    """Each domain's *test* conversations, as recorded at training time (domains without any are
+    left out)."""
+    splits = tl.info.get("data") or {}
+    result = {}
+    for domain in tl.domains:
+        info = splits.get(domain) or {}
+        wanted = set((info.get("conversations") or {}).get("test_ids") or [])
+        if not wanted:
+            continue
+        _, convs = load_domain_texts(domain, source_paths(domain, info["source"]))
+        convs = [c for c in convs if c.id in wanted]
+        if not convs:
+            raise CorpusError(f"the test conversations of {domain!r} are no longer in {info['source']}")
+        result[domain] = convs
+    return result
+
+
+def conversation_metrics(tl: TemporalLoRA, convs: dict[str, list[Conversation]], max_tokens: int = 512) -> dict:
+    """Per domain: assistant-token perplexity of its test conversations with the base model, the
+    domain's own adapter (oracle) and the adapter the router picks from the user turns (routed,
+    hard), and how often the user turns are routed to the domain."""
+    k = len(tl.domains)
+    out = {}
+    for label, domain in enumerate(tl.domains):
+        if domain not in convs:
+            continue
+        items = convs[domain]
+        turns = user_turn_ids(tl.tokenizer, items, tl.router_config.max_tokens)
+        hard = tl.mix_weights(tl.route_probs(turns), "hard")
+        weights = {"base": torch.zeros(len(items), k), "oracle": one_hot([label] * len(items), k), "routed": hard}
+        ppl = {}
+        for strategy, w in weights.items():
+            total, count = 0.0, 0
+            for conv, row in zip(items, w, strict=True):  # one conversation at a time: its own weights
+                with tl.mixer.weights(row.unsqueeze(0)):
+                    nll, n = assistant_nll(tl.model, tl.tokenizer, [conv], max_tokens)
+                total, count = total + nll, count + n
+            ppl[strategy] = round(float(torch.exp(torch.tensor(total / max(count, 1)))), 4)
+        out[domain] = {"test_conversations": len(items), "assistant_ppl": ppl,
+                       "routing_user_turns": round(float((hard[:, label] == 1).float().mean()), 4)}
+    return out
 
 
 def router_metrics(tl: TemporalLoRA, sets: dict[str, torch.Tensor], lengths=EVAL_LENGTHS, *,
@@ -58,6 +114,8 @@ def router_metrics(tl: TemporalLoRA, sets: dict[str, torch.Tensor], lengths=EVAL
     lengths = [n for n in lengths if n <= block]
     probs_by_len, labels = [], []
     for label, domain in enumerate(domains):
+        if domain not in sets:  # a domain without test documents (conversations only): no row
+            continue
         with tl.mixer.weights(None):
             feats = prefix_features(tl.model, tl.feature_spec, sets[domain], lengths)
         with torch.no_grad():
@@ -72,7 +130,7 @@ def router_metrics(tl: TemporalLoRA, sets: dict[str, torch.Tensor], lengths=EVAL
     full = probs[-1]
     confusion = confusions[str(lengths[-1])]
     f1s = []
-    for c in range(k):
+    for c in sorted(set(y.tolist())):  # classes with test rows
         tp = int(confusion[c, c])
         prec = tp / max(1, int(confusion[:, c].sum()))
         rec = tp / max(1, int(confusion[c].sum()))
@@ -81,14 +139,14 @@ def router_metrics(tl: TemporalLoRA, sets: dict[str, torch.Tensor], lengths=EVAL
     return {
         "accuracy": by_length[str(lengths[-1])],
         "accuracy_by_length": by_length,
-        "macro_f1": round(sum(f1s) / k, 4),
+        "macro_f1": round(sum(f1s) / len(f1s), 4),
         "confusion": confusion.tolist(),
         "confusion_length": lengths[-1],
         "confusion_by_length": {n: c.tolist() for n, c in confusions.items()},
         "ece": round(expected_calibration_error(full, y), 4),
         "abstain_threshold": threshold,
         "abstained_fraction": round(float((full.max(-1).values < threshold).float().mean()), 4),
-        "test_chunks": {d: len(sets[d]) for d in domains},
+        "test_chunks": {d: len(sets[d]) for d in domains if d in sets},
     }
 
 
@@ -118,8 +176,10 @@ def perplexities(tl: TemporalLoRA, sets: dict[str, torch.Tensor], progress: bool
 
     result = {s: {} for s in STRATEGIES}
     k = len(tl.domains)
-    bar = tqdm(total=len(tl.domains) * 3, desc="perplexity", disable=not progress)
+    bar = tqdm(total=len(sets) * 3, desc="perplexity", disable=not progress)
     for label, domain in enumerate(tl.domains):
+        if domain not in sets:
+            continue
         chunks = sets[domain]
         n = len(chunks)
         probs = tl.route_probs(chunks.tolist())
@@ -151,15 +211,18 @@ def evaluate_bundle(tl: TemporalLoRA, out_dir: str | Path | None = None, *, ppl_
     ppl_chunks = ppl_chunks or cfg.get("eval_chunks", 24)
     block = cfg.get("block_size", 128)
     t0 = time.perf_counter()
-    router_sets = held_out_chunks(tl, max(router_chunks, ppl_chunks), block_size=block, seed=seed)
+    router_sets = held_out_chunks(tl, max(router_chunks, ppl_chunks), block_size=block, seed=seed,
+                                  documents_only=True)
     ppl_sets = {d: c[:ppl_chunks] for d, c in router_sets.items()}
+    conv_sets = held_out_conversations(tl)
     timing["load_test_data"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    router = router_metrics(tl, router_sets)
+    router = router_metrics(tl, router_sets) if router_sets else None
     timing["router_eval"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     ppl = perplexities(tl, ppl_sets, progress=progress)
     timing["perplexity_eval"] = time.perf_counter() - t0
+    docs = list(ppl_sets)
     report = {
         "domains": tl.domains,
         "base_model": tl.base_id,
@@ -167,43 +230,64 @@ def evaluate_bundle(tl: TemporalLoRA, out_dir: str | Path | None = None, *, ppl_
         "router": router,
         "perplexity": ppl,
         "perplexity_chunks": {d: len(c) for d, c in ppl_sets.items()},
-        "relative_to_base": {d: round(ppl["oracle"][d] / ppl["base"][d] - 1, 4) for d in tl.domains},
-        "routed_vs_oracle": {d: round(ppl["routed"][d] / ppl["oracle"][d] - 1, 4) for d in tl.domains},
-        "soft_vs_oracle": {d: round(ppl["soft"][d] / ppl["oracle"][d] - 1, 4) for d in tl.domains},
+        "relative_to_base": {d: round(ppl["oracle"][d] / ppl["base"][d] - 1, 4) for d in docs},
+        "routed_vs_oracle": {d: round(ppl["routed"][d] / ppl["oracle"][d] - 1, 4) for d in docs},
+        "soft_vs_oracle": {d: round(ppl["soft"][d] / ppl["oracle"][d] - 1, 4) for d in docs},
         "training": tl.info.get("training", {}),
         "router_training": tl.info.get("router_training", {}),
         "timing": {**(tl.info.get("timing") or {}), **{k: round(v, 2) for k, v in timing.items()}},
     }
+    if conv_sets:
+        t0 = time.perf_counter()
+        report["conversations"] = conversation_metrics(tl, conv_sets)
+        report["timing"]["conversation_eval"] = round(time.perf_counter() - t0, 2)
     if out_dir is not None:
         write_report(report, Path(out_dir))
     return report
 
 
 def markdown_tables(report: dict) -> str:
+    lines: list[str] = []
     domains = report["domains"]
     ppl = report["perplexity"]
-    lines = ["| domain | base | oracle | routed | soft | oracle vs base | routed vs oracle |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for d in domains:
-        lines.append(f"| {d} | {ppl['base'][d]:.2f} | {ppl['oracle'][d]:.2f} | {ppl['routed'][d]:.2f} | "
-                     f"{ppl['soft'][d]:.2f} | {report['relative_to_base'][d]:+.1%} | {report['routed_vs_oracle'][d]:+.2%} |")
-    acc = report["router"]["accuracy_by_length"]
-    lines += ["", "| prompt tokens | " + " | ".join(acc) + " |", "|---|" + "---:|" * len(acc),
-              "| router accuracy | " + " | ".join(f"{v:.1%}" for v in acc.values()) + " |"]
-    conf = report["router"]["confusion"]
-    lines += ["", f"Confusion at {report['router']['confusion_length']} tokens (rows: true, columns: routed)", "",
-              "| true \\ routed | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
-    lines += [f"| {d} | " + " | ".join(str(v) for v in row) + " |" for d, row in zip(domains, conf, strict=True)]
-    return "\n".join(lines)
+    docs = [d for d in domains if d in ppl["base"]]
+    if docs:
+        lines += ["| domain | base | oracle | routed | soft | oracle vs base | routed vs oracle |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for d in docs:
+            lines.append(f"| {d} | {ppl['base'][d]:.2f} | {ppl['oracle'][d]:.2f} | {ppl['routed'][d]:.2f} | "
+                         f"{ppl['soft'][d]:.2f} | {report['relative_to_base'][d]:+.1%} | "
+                         f"{report['routed_vs_oracle'][d]:+.2%} |")
+    if report.get("router"):
+        acc = report["router"]["accuracy_by_length"]
+        lines += ["", "| prompt tokens | " + " | ".join(acc) + " |", "|---|" + "---:|" * len(acc),
+                  "| router accuracy | " + " | ".join(f"{v:.1%}" for v in acc.values()) + " |"]
+        conf = report["router"]["confusion"]
+        lines += ["", f"Confusion at {report['router']['confusion_length']} tokens (rows: true, columns: routed)", "",
+                  "| true \\ routed | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
+        lines += [f"| {d} | " + " | ".join(str(v) for v in row) + " |"
+                  for d, row in zip(domains, conf, strict=True) if d in docs]
+    conv = report.get("conversations") or {}
+    if conv:
+        lines += ["", "Held-out conversations: assistant-token perplexity; routing of the user turns", "",
+                  "| domain | conversations | base | oracle | routed | user turns routed to the domain |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for d, m in conv.items():
+            a = m["assistant_ppl"]
+            lines.append(f"| {d} | {m['test_conversations']} | {a['base']:.2f} | {a['oracle']:.2f} | "
+                         f"{a['routed']:.2f} | {m['routing_user_turns']:.1%} |")
+    return "\n".join(lines).lstrip("\n")
 
 
 def write_report(report: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
     timing = "\n".join(f"| {k} | {v:.1f} |" for k, v in _timing_rows(report).items())
+    r = report["router"]
+    summary = (f"; router accuracy {r['accuracy']:.1%} (macro-F1 {r['macro_f1']:.3f}, ECE {r['ece']:.3f})"
+               if r else "")
     md = (f"# Temporal LoRA evaluation\n\nBase model: `{report['base_model']}`; router features: "
-          f"`{report['router_features']}`; router accuracy {report['router']['accuracy']:.1%} "
-          f"(macro-F1 {report['router']['macro_f1']:.3f}, ECE {report['router']['ece']:.3f}).\n\n"
+          f"`{report['router_features']}`{summary}.\n\n"
           f"Perplexity on held-out test documents:\n\n{markdown_tables(report)}\n\n"
           f"## Where the time went (seconds)\n\n| phase | seconds |\n|---|---:|\n{timing}\n")
     atomic_write_text(out_dir / "report.md", md)
@@ -222,6 +306,8 @@ def plot_report(report: dict, out_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not report["router"]:  # conversation domains only: the tables say it all
+        return
     domains = report["domains"]
     conf = report["router"]["confusion"]
     fig, ax = plt.subplots(figsize=(1.2 * len(domains) + 2, 1.1 * len(domains) + 1.5))
@@ -238,6 +324,7 @@ def plot_report(report: dict, out_dir: Path) -> None:
     fig.savefig(out_dir / "confusion.png", dpi=110)
     plt.close(fig)
 
+    domains = [d for d in domains if d in report["perplexity"]["base"]]
     fig, ax = plt.subplots(figsize=(1.6 * len(domains) + 2, 4))
     width = 0.2
     for i, strategy in enumerate(STRATEGIES):
