@@ -275,6 +275,33 @@ def run_engine_bench(bundle: Path, out: Path = OUT, *, threads: int = 1, reps: i
     return result
 
 
+def run_load_comparison(bundle: Path, out: Path = OUT, *, threads: int = 1, reps: int = 1, new_tokens: int = 128,
+                        clients: int = 16, duration: float = 30.0, load_max_tokens: int = 24) -> dict:
+    """Only the 16-client hard-routing load, back to back: the llama.cpp engine with the exact F32
+    base and with q8_0 (the declared fast mode), and the torch engine; engine_load.json."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the servers started here
+    requests = build_requests(bundle, 16, load_max_tokens)
+    prompts = [r["prompt"] for r in requests][:3]
+    runs = {f"{engine} {weights}": _serve_phase(bundle, engine, threads, requests, clients, duration, prompts,
+                                                new_tokens, reps, "hard", weights=weights)
+            for engine, weights in (("llama-cpp", "q8_0"), ("torch", "f32"), ("llama-cpp", "f32"))}
+    result = {"load16_tok_s": {k: v["tokens_per_s"] for k, v in runs.items()},
+              "load16_errors": {k: v["errors"] for k, v in runs.items()},
+              "load16_mismatches": {k: v["mismatches"] for k, v in runs.items()},
+              "settings": {"bundle": str(bundle), "threads": threads, "clients": clients, "load_duration_s": duration,
+                           "load_max_tokens": load_max_tokens, "server_max_batch": 16, "mode": "hard",
+                           "hardware": f"{platform.machine()}, {os.cpu_count()} CPUs (no GPU)",
+                           "load_average_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+              "serve": runs}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "engine_load.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    lines = ["| 16 clients, hard routing, mixed domains | completion tokens/s | errors | mismatches vs alone |",
+             "|---|---:|---:|---:|"]
+    lines += [f"| {k} | {v['tokens_per_s']} | {v['errors']} | {v['mismatches']} |" for k, v in runs.items()]
+    (out / "engine_load.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return result
+
+
 def table(r: dict) -> str:
     b, s, q, n = r["batch1_tok_s"], r["soft"], r["quantised"], r["no_adapter_batch1_tok_s"]
     cfg = r["settings"]
@@ -336,7 +363,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of each load run")
     ap.add_argument("--prompts", type=int, default=3, help="prompts of the batch-1 measurements")
+    ap.add_argument("--load-only", action="store_true",
+                    help="only the 16-client hard-routing load: llama.cpp F32 and q8_0, torch (engine_load.json)")
     args = ap.parse_args(argv)
+    if args.load_only:
+        run_load_comparison(args.bundle, args.out, threads=args.threads, clients=args.clients,
+                            duration=args.duration, new_tokens=args.new_tokens)
+        print((args.out / "engine_load.md").read_text())
+        return
     result = run_engine_bench(args.bundle, args.out, threads=args.threads, reps=args.repeats,
                               new_tokens=args.new_tokens, clients=args.clients, duration=args.duration,
                               n_prompts=args.prompts)
