@@ -98,3 +98,13 @@ def test_console_script_exit_status(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("tlora: error:") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_serve_warns_that_quantised_llamacpp_weights_are_not_batch_invariant(tmp_path, capsys):
+    """The note comes before the bundle is opened (here: a missing one, one clear error, exit 2)."""
+    code = main(["serve", "--bundle", str(tmp_path / "missing"), "--engine", "llama-cpp", "--engine-weights", "q8_0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not batch-invariant" in err and "--max-batch 1" in err
+    code = main(["serve", "--bundle", str(tmp_path / "missing"), "--engine", "llama-cpp", "--engine-weights", "q8_0",
+                 "--max-batch", "1"])
+    assert code == 2 and "not batch-invariant" not in capsys.readouterr().err

@@ -505,6 +505,12 @@ def cmd_serve(args) -> None:
                               engine_weights=args.engine_weights, engine_threads=args.engine_threads)
     if args.reload_poll < 0:
         raise InputError("--reload-poll must be 0 (off) or a number of seconds")
+    if args.engine_weights != "f32" and args.engine != "torch" and args.max_batch > 1:
+        # Measured (benchmarks/results/serve/engine_load.json): llama.cpp's quantised kernels round
+        # differently with the number of sequences in a call.
+        print(f"note: --engine-weights {args.engine_weights} is not batch-invariant: a request batched with "
+              "others may get other tokens than alone; --max-batch 1 keeps each request equal to itself alone",
+              file=sys.stderr)
     serve(args.bundle, host=args.host, port=args.port, settings=settings, abstain_threshold=args.abstain_threshold)
 
 
