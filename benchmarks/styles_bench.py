@@ -198,7 +198,7 @@ def table(result: dict) -> str:
     lines = ["| domain | style | Flesch parent -> style (delta) | win rate vs parent | ppl ratio | distinct-2 ratio | "
              "repetition parent -> style | pairs | pair s | DPO s |", "|---" * 10 + "|"]
     for domain, entry in result.items():
-        if domain in ("conversations", "meta", "user_jsonl_200"):
+        if domain in ("conversations", "meta", "user_jsonl_200", "experiments"):  # not domains
             continue
         for style in STYLES:
             m = entry[style]
