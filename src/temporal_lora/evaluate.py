@@ -5,6 +5,7 @@ perplexity and routing of the user turns (what the router reads when serving).""
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -80,6 +81,14 @@ def conversation_metrics(tl: TemporalLoRA, convs: dict[str, list[Conversation]],
     domain's own adapter (oracle) and the adapter the router picks from the user turns (routed,
     hard), and how often the user turns are routed to the domain."""
     k = len(tl.domains)
+
+    def nll(conv: Conversation, weights: torch.Tensor) -> tuple[float, int]:
+        with tl.mixer.weights(weights.unsqueeze(0)):  # one conversation at a time: its own weights
+            return assistant_nll(tl.model, tl.tokenizer, [conv], max_tokens)
+
+    def ppl(rows: list[tuple[float, int]]) -> float:
+        return round(math.exp(sum(t for t, _ in rows) / max(1, sum(n for _, n in rows))), 4)
+
     out = {}
     for label, domain in enumerate(tl.domains):
         if domain not in convs:
@@ -87,16 +96,13 @@ def conversation_metrics(tl: TemporalLoRA, convs: dict[str, list[Conversation]],
         items = convs[domain]
         turns = user_turn_ids(tl.tokenizer, items, tl.router_config.max_tokens)
         hard = tl.mix_weights(tl.route_probs(turns), "hard")
-        weights = {"base": torch.zeros(len(items), k), "oracle": one_hot([label] * len(items), k), "routed": hard}
-        ppl = {}
-        for strategy, w in weights.items():
-            total, count = 0.0, 0
-            for conv, row in zip(items, w, strict=True):  # one conversation at a time: its own weights
-                with tl.mixer.weights(row.unsqueeze(0)):
-                    nll, n = assistant_nll(tl.model, tl.tokenizer, [conv], max_tokens)
-                total, count = total + nll, count + n
-            ppl[strategy] = round(float(torch.exp(torch.tensor(total / max(count, 1)))), 4)
-        out[domain] = {"test_conversations": len(items), "assistant_ppl": ppl,
+        base = [nll(c, torch.zeros(k)) for c in items]
+        oracle = [nll(c, one_hot([label], k)[0]) for c in items]
+        # As for document chunks: where the router is right, routed is the oracle's forward.
+        routed = [o if hard[i, label] == 1 else nll(c, hard[i])
+                  for i, (c, o) in enumerate(zip(items, oracle, strict=True))]
+        out[domain] = {"test_conversations": len(items),
+                       "assistant_ppl": {"base": ppl(base), "oracle": ppl(oracle), "routed": ppl(routed)},
                        "routing_user_turns": round(float((hard[:, label] == 1).float().mean()), 4)}
     return out
 

@@ -139,6 +139,12 @@ def step_throughput(tl: TemporalLoRA, runtime, threads: int, batches=(1, 4, 16),
     return rows
 
 
+def _machine() -> dict:
+    """What the settings record about the machine, read when a run ends (the load average then)."""
+    return {"hardware": f"{platform.machine()}, {os.cpu_count()} CPUs (no GPU)",
+            "load_average_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
 def _serve_phase(bundle: Path, engine: str, threads: int, requests: list[dict], clients: int, duration: float,
                  batch1: list[str], new_tokens: int, reps: int, mode: str, weights: str = "f32") -> dict:
     port = free_port()
@@ -228,14 +234,15 @@ def run_engine_bench(bundle: Path, out: Path = OUT, *, threads: int = 1, reps: i
     library_s = time.perf_counter() - t0
 
     serve = {}
+    batch1_prompts = prompts[:len(batch1)]
     for engine in ("llama-cpp", "torch"):
         serve[engine] = {mode: _serve_phase(bundle, engine, threads, requests, clients, duration,
-                                            [prompts[i] for i in range(len(batch1))], new_tokens, reps, mode)
+                                            batch1_prompts, new_tokens, reps, mode)
                          for mode in ("hard", "soft")}
     # The declared fast mode under load: a quantised base is ~3x faster per decode call, which is
     # what one call per adapter set costs when requests are routed to several domains.
-    fast_load = _serve_phase(bundle, "llama-cpp", threads, requests, clients, duration,
-                             [prompts[i] for i in range(len(batch1))], new_tokens, reps, "hard", weights="q8_0")
+    fast_load = _serve_phase(bundle, "llama-cpp", threads, requests, clients, duration, batch1_prompts,
+                             new_tokens, reps, "hard", weights="q8_0")
     quantised["q8_0"] |= {"load16_tok_s": fast_load["tokens_per_s"], "load16_errors": fast_load["errors"],
                           "load16_mismatches": fast_load["mismatches"], "serve": fast_load}
     hard = {e: serve[e]["hard"] for e in serve}
@@ -264,8 +271,7 @@ def run_engine_bench(bundle: Path, out: Path = OUT, *, threads: int = 1, reps: i
         "settings": {"bundle": str(bundle), "threads": threads, "repeats": reps, "new_tokens": new_tokens,
                      "batch1_prompts": len(batch1), "agreement_prompts": len(ids), "clients": clients,
                      "load_duration_s": duration, "load_max_tokens": load_max_tokens, "server_max_batch": 16,
-                     "hardware": f"{platform.machine()}, {os.cpu_count()} CPUs (no GPU)",
-                     "load_average_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+                     **_machine(),
                      "library_phase_s": round(library_s, 1)},
         "serve": serve,
     }
@@ -290,8 +296,7 @@ def run_load_comparison(bundle: Path, out: Path = OUT, *, threads: int = 1, reps
               "load16_mismatches": {k: v["mismatches"] for k, v in runs.items()},
               "settings": {"bundle": str(bundle), "threads": threads, "clients": clients, "load_duration_s": duration,
                            "load_max_tokens": load_max_tokens, "server_max_batch": 16, "mode": "hard",
-                           "hardware": f"{platform.machine()}, {os.cpu_count()} CPUs (no GPU)",
-                           "load_average_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+                           **_machine()},
               "serve": runs}
     out.mkdir(parents=True, exist_ok=True)
     (out / "engine_load.json").write_text(json.dumps(result, indent=2), encoding="utf-8")

@@ -68,6 +68,7 @@ def run_scaling(out: str | Path, *, base: str | None = None, budget: str | Scali
         raise InputError(f"domain counts must be increasing and at least 2, got {b.ns}")
     if b.isolation_n not in b.ns or any(n not in b.ns for n in b.rank_scaled_ns):
         raise InputError("isolation_n and rank_scaled_ns must be among the domain counts")
+    check_init(b.init)
     cfg = config or replace(budget_config("quick"), steps=b.steps, router_chunks=b.router_chunks,
                             calib_chunks=b.calib_chunks)
     corpora, domains = scaling_corpora(corpora, max(b.ns))
@@ -81,7 +82,6 @@ def run_scaling(out: str | Path, *, base: str | None = None, budget: str | Scali
     spec = resolve_feature_spec(cfg.router.features, len(decoder_layers(model)))
     data = prepare_domains(corpora, domains, tokenizer, cfg, b)
 
-    check_init(b.init)
     adapters = train_domain_adapters(
         model, data, work, cfg, progress, log, init=b.init,
         features=lambda n, m=model: domain_router_features(m, spec, data, domains[:n], work, cfg, log))

@@ -191,9 +191,9 @@ def build_pairs(prompts: list[str], completions: list[list[str]], reward: str, m
 
 # ------------------------------------------------------------------------------------------ DPO
 def train_dpo(peft_model, tokenizer, pairs: list[dict], cfg: StyleConfig, work: Path, *, progress: bool,
-              start: dict[str, torch.Tensor] | None = None) -> dict:
+              policy_state: dict[str, torch.Tensor] | None = None) -> dict:
     """DPO on `peft_model`, whose adapter "default" is the policy (a copy of the parent adapter);
-    TRL adds the frozen reference "ref" as a copy of it. `start` (a later on-policy round) is the
+    TRL adds the frozen reference "ref" as a copy of it. `policy_state` (a later on-policy round) is the
     policy's LoRA state to continue from, loaded after TRL copied the parent into "ref", so the
     reference stays the parent. Returns a training summary."""
     import time
@@ -218,8 +218,8 @@ def train_dpo(peft_model, tokenizer, pairs: list[dict], cfg: StyleConfig, work: 
                          processing_class=tokenizer)
     if "ref" not in trainer.model.peft_config:
         raise RuntimeError("TRL did not set up the parent adapter as the DPO reference")
-    if start is not None:
-        set_peft_model_state_dict(trainer.model, start, adapter_name="default")
+    if policy_state is not None:
+        set_peft_model_state_dict(trainer.model, policy_state, adapter_name="default")
     reference = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".ref." in n}
     start = time.perf_counter()
     trainer.train()
@@ -360,7 +360,7 @@ def add_style(bundle: str | Path, domain: str, name: str, *, preferences: str | 
                 log(f"training style '{label}' with DPO on {len(pairs)} pairs ({steps} steps"
                     f"{f', round {r + 1} of {len(rounds)}' if len(rounds) > 1 else ''}; reference: the '{domain}' adapter)")
                 summaries.append(train_dpo(policy, tokenizer, pairs, replace(cfg, steps=steps), work,
-                                           progress=progress, start=state))
+                                           progress=progress, policy_state=state))
                 state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(policy).items()}
                 if r == len(rounds) - 1:
                     save_peft_adapters(policy, work / name, selected_adapters=["default"])
