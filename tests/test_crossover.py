@@ -163,3 +163,16 @@ def test_cli_refuses_other_budgets_and_bundles(capsys, tmp_path):
     assert main(["bench", "crossover", "--out", str(tmp_path / "b"), "--bundle", str(tmp_path)]) == 2
     assert "--bundle is not used" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_cache_refuses_another_recipe_and_names_the_difference(tmp_path):
+    from temporal_lora.bench.common import check_recipe
+    from temporal_lora.errors import InputError
+
+    recipe = {"train_config": {"lr": 0.002}, "domains": ["a", "b", "c"], "base": None}
+    check_recipe(tmp_path, recipe)
+    check_recipe(tmp_path, dict(recipe))  # the same recipe resumes
+    # A smaller largest N gives a shorter domain list than the cache's: refused, and the message says so.
+    with pytest.raises(InputError, match=r"differs in: domains\)"):
+        check_recipe(tmp_path, recipe | {"domains": ["a", "b"]})
+    assert json.loads((tmp_path / "recipe.json").read_text()) == recipe  # the stored recipe is kept

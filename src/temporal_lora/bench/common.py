@@ -114,8 +114,12 @@ def check_recipe(work: Path, recipe: dict) -> None:
     path = work / "recipe.json"
     recipe = json.loads(json.dumps(recipe))  # tuples -> lists, as read back
     if path.is_file():
-        if json.loads(path.read_text()) != recipe:
-            raise InputError(f"{work} holds a run with another budget, config or domain list; "
+        stored = json.loads(path.read_text())
+        if stored != recipe:
+            # Name what differs: e.g. a smaller largest N gives a shorter domain list than the cache's.
+            differ = sorted(k for k in stored.keys() | recipe.keys() if stored.get(k) != recipe.get(k))
+            raise InputError(f"{work} holds a run with another budget, config or domain list "
+                             f"(differs in: {', '.join(differ)}); use the same settings, "
                              "choose another output folder or delete it")
     else:
         atomic_write_text(path, json.dumps(recipe, indent=1))
