@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import signal
@@ -25,6 +24,7 @@ import httpx
 import numpy as np
 import torch
 
+from temporal_lora.bench.common import write_results
 from temporal_lora.bench.load import build_requests, free_port, load, references, start_server
 from temporal_lora.llamacpp import LlamaContext, LlamaModel
 from temporal_lora.model import TemporalLoRA
@@ -275,19 +275,18 @@ def run_engine_bench(bundle: Path, out: Path = OUT, *, threads: int = 1, reps: i
                      "library_phase_s": round(library_s, 1)},
         "serve": serve,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "engine.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    (out / "engine.md").write_text(table(result), encoding="utf-8")
+    write_results(out, "engine", result, table(result))
     return result
 
 
 def run_load_comparison(bundle: Path, out: Path = OUT, *, threads: int = 1, reps: int = 1, new_tokens: int = 128,
-                        clients: int = 16, duration: float = 30.0, load_max_tokens: int = 24) -> dict:
+                        clients: int = 16, duration: float = 30.0, load_max_tokens: int = 24,
+                        n_prompts: int = 3) -> dict:
     """Only the 16-client hard-routing load, back to back: the llama.cpp engine with the exact F32
     base and with q8_0 (the declared fast mode), and the torch engine; engine_load.json."""
     os.environ["OMP_NUM_THREADS"] = str(threads)  # the servers started here
     requests = build_requests(bundle, 16, load_max_tokens)
-    prompts = [r["prompt"] for r in requests][:3]
+    prompts = [r["prompt"] for r in requests[:n_prompts]]
     runs = {f"{engine} {weights}": _serve_phase(bundle, engine, threads, requests, clients, duration, prompts,
                                                 new_tokens, reps, "hard", weights=weights)
             for engine, weights in (("llama-cpp", "q8_0"), ("torch", "f32"), ("llama-cpp", "f32"))}
@@ -298,12 +297,10 @@ def run_load_comparison(bundle: Path, out: Path = OUT, *, threads: int = 1, reps
                            "load_max_tokens": load_max_tokens, "server_max_batch": 16, "mode": "hard",
                            **_machine()},
               "serve": runs}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "engine_load.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     lines = ["| 16 clients, hard routing, mixed domains | completion tokens/s | errors | mismatches vs alone |",
              "|---|---:|---:|---:|"]
     lines += [f"| {k} | {v['tokens_per_s']} | {v['errors']} | {v['mismatches']} |" for k, v in runs.items()]
-    (out / "engine_load.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_results(out, "engine_load", result, "\n".join(lines) + "\n")
     return result
 
 
@@ -369,11 +366,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of each load run")
     ap.add_argument("--prompts", type=int, default=3, help="prompts of the batch-1 measurements")
     ap.add_argument("--load-only", action="store_true",
-                    help="only the 16-client hard-routing load: llama.cpp F32 and q8_0, torch (engine_load.json)")
+                    help="only the 16-client hard-routing load: llama.cpp F32 and q8_0, torch, one repeat each "
+                         "(engine_load.json)")
     args = ap.parse_args(argv)
     if args.load_only:
         run_load_comparison(args.bundle, args.out, threads=args.threads, clients=args.clients,
-                            duration=args.duration, new_tokens=args.new_tokens)
+                            duration=args.duration, new_tokens=args.new_tokens, n_prompts=args.prompts)
         print((args.out / "engine_load.md").read_text())
         return
     result = run_engine_bench(args.bundle, args.out, threads=args.threads, reps=args.repeats,
