@@ -14,6 +14,7 @@ from temporal_lora.bench.crossover import (
     INITS,
     Cell,
     CrossoverBudget,
+    load_cells,
     plan,
     report_crossover,
     run_crossover,
@@ -137,6 +138,39 @@ def test_report_only_rewrites_results_from_the_cells(crossover_run, tmp_path):
     assert json.loads((tmp_path / "crossover.json").read_text()) == report["crossover"]
     part = report_crossover(tmp_path / "part", out / "work", replace(_budget(), ns=(2,)))
     assert set(part["crossover"]["4"]["base"]) == {"2"}
+
+
+def test_committed_results_outlive_the_work_folder(crossover_run, tmp_path):
+    # A new machine has no work folder: the cells recorded in the results are kept, if the recipe matches.
+    out, report, _, _ = crossover_run
+    assert load_cells(tmp_path / "new-work", out, tiny_config(), _budget()) == report["cells"]
+    assert load_cells(tmp_path / "new-work", out, replace(tiny_config(), lr=1e-4), _budget()) == {}
+    assert load_cells(tmp_path / "new-work", out, tiny_config(), replace(_budget(), ppl_chunks=5)) == {}
+
+
+def test_parts_train_one_side_each_then_the_cell_trains_nothing(tiny_llama, tmp_path, monkeypatch):
+    b = CrossoverBudget(name="test", steps=(2,), ns=(2,), inits=("base",), seeds=(0,), modes=False, ppl_chunks=3,
+                        router_chunks=16, calib_chunks=6, router_test_chunks=6)
+
+    def run(**kw):
+        return run_crossover(tmp_path, work=tmp_path / "work", base=str(tiny_llama), budget=b, corpora=_corpora(),
+                             config=tiny_config(), progress=False, log=lambda *a: None, **kw)
+
+    root = tmp_path / "work" / "seed0" / "s2"
+    got = run(part="multitask")
+    assert got["cell"] == "s2-base-N2-seed0" and got["trained"] == [str(root / "multitask-N2")]
+    assert not (root / "base").exists() and not (tmp_path / "crossover.json").exists()  # trained, measured nothing
+    got = run(part="adapters")
+    assert got["trained"] == [str(root / "base" / d) for d in list(_AREAS)[:2]]
+
+    def no_training(*a, **k):
+        raise AssertionError("a part trained by --part was trained again")
+
+    for where in ("adapters", "bench.baselines", "bench.crossover"):
+        monkeypatch.setattr(f"temporal_lora.{where}.train_adapter", no_training)
+    report = run()
+    assert report["cells"]["s2-base-N2-seed0"]["ratio"] > 0
+    assert run(part="adapters") == {"cell": None, "trained": []}  # the grid is finished
 
 
 def test_plan_order():

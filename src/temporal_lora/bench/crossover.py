@@ -72,6 +72,7 @@ from temporal_lora.scoring import adapter_nll, perplexity, routed_nll
 from temporal_lora.train import round_robin
 
 INITS = ("base", "nearest", "blend", "shared")
+PARTS = ("adapters", "multitask")  # the two sides of a cell that `--part` trains in separate processes
 SHARED_SHARE = 8  # each domain gives steps // 8 (at least 1) of its steps to the shared seed phase
 _NLL = "test_nll.json"
 
@@ -246,6 +247,18 @@ class _Run:
         return train_multitask(self.model, {d: self.windows(d, steps) for d in self.domains[:n]},
                                self.root(steps, seed) / f"multitask-N{n}", cfg, progress=self.progress, log=self.log)
 
+    def train_part(self, c: Cell | None, part: str) -> dict:
+        """Train one side of cell `c` into the cache: {"cell": key, "trained": [folders]}."""
+        if c is None:
+            self.log("[crossover] every cell of the grid is finished: nothing to train")
+            return {"cell": None, "trained": []}
+        self.log(f"[crossover] training the {part} of cell {c.key}")
+        if part == "adapters":
+            folders = [self.adapter(c.steps, c.init, c.n, c.seed, i) for i in range(c.n)]
+        else:
+            folders = [self.multitask(c.steps, c.n, c.seed)] if c.multitask else []
+        return {"cell": c.key, "trained": [str(f) for f in folders]}
+
     # -------------------------------------------------------- evaluation
     def cell(self, c: Cell) -> dict:
         t0 = time.perf_counter()
@@ -338,9 +351,22 @@ def _cached_nll(tl, name: str, folder: Path, domain: str, chunks: torch.Tensor) 
     return torch.tensor(got, dtype=torch.float32)
 
 
-def load_cells(work: Path) -> dict[str, dict]:
+def load_cells(work: Path, out: Path | None = None, cfg: TrainConfig | None = None,
+               b: CrossoverBudget | None = None) -> dict[str, dict]:
+    """The finished cells: those recorded in `out`'s crossover_detail.json (the committed results,
+    which outlive a lost work folder or a move to another machine) when they were measured with the
+    same recipe (`cfg`, `b`'s data sizes), then those in `work/cells`, which win."""
+    done: dict[str, dict] = {}
+    detail = out / "crossover_detail.json" if out is not None else None
+    if detail is not None and detail.is_file() and cfg is not None and b is not None:
+        old = json.loads(detail.read_text())
+        chunks = {k: v for k, v in asdict(b).items() if k.endswith("chunks")}
+        if old.get("train_config") == cfg.to_dict() and all(old.get("budget", {}).get(k) == v for k, v in chunks.items()):
+            done |= old.get("cells", {})
     folder = work / "cells"
-    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
+    if folder.is_dir():
+        done |= {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    return done
 
 
 def grid_config(b: CrossoverBudget) -> TrainConfig:
@@ -355,19 +381,25 @@ def report_crossover(out: str | Path, work: str | Path, budget: CrossoverBudget 
     """Rewrite the results of `budget`'s grid (default: the whole quick grid) from the finished cells
     in `work`, running nothing (e.g. after runs of partial grids)."""
     b = budget or CrossoverBudget()
-    return write_crossover(load_cells(Path(work)), b, grid_config(b), Path(out))
+    cfg = grid_config(b)
+    return write_crossover(load_cells(Path(work), Path(out), cfg, b), b, cfg, Path(out))
 
 
 def run_crossover(out: str | Path, *, work: str | Path | None = None, base: str | None = None,
                   budget: str | CrossoverBudget = "quick", corpora: dict[str, list[Document]] | None = None,
-                  config: TrainConfig | None = None, max_cells: int | None = None, progress: bool = True,
-                  log=print) -> dict:
+                  config: TrainConfig | None = None, max_cells: int | None = None, part: str | None = None,
+                  progress: bool = True, log=print) -> dict:
     """Run (or resume) every cell of the grid; results into `out` after each cell.
 
     `work` (default `<out>/crossover-work`) holds the cache. `corpora` ({domain: documents}, in the
     order domains are added) and `config` replace the 16 subdomains and the quick recipe (tests);
-    `max_cells` stops after that many new cells (the rest is left for a rerun).
+    `max_cells` stops after that many new cells (the rest is left for a rerun). `part`
+    ("adapters" or "multitask") only trains that side of the next unfinished cell into the cache
+    and measures nothing: two processes, one per side, share a cell's training on two cores, and a
+    third run (no `part`) then measures it from the cache.
     """
+    if part not in (None, *PARTS):
+        raise InputError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
     b = crossover_budget(budget) if isinstance(budget, str) else budget
     b.check()
     cfg = config or grid_config(b)
@@ -385,7 +417,9 @@ def run_crossover(out: str | Path, *, work: str | Path | None = None, base: str 
     data = prepare_domains(corpora, domains, tokenizer, cfg, b.scaling(b.ns),
                            train_windows=max(b.steps) * cfg.batch_size)
     run = _Run(work, b, cfg, domains, data, model, spec, base, base_id, Phases(work, log), progress, log)
-    done = load_cells(work)
+    done = load_cells(work, out, cfg, b)
+    if part is not None:
+        return run.train_part(next((c for c in plan(b, done) if c.key not in done), None), part)
     new = 0
     report = write_crossover(done, b, cfg, out)
     while max_cells is None or new < max_cells:
@@ -578,6 +612,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
     p.add_argument("--seeds", type=int, nargs="+", default=list(CrossoverBudget.seeds))
     p.add_argument("--max-cells", type=int, default=None, help="stop after this many new cells")
+    p.add_argument("--part", choices=PARTS, default=None,
+                   help="only train this side of the next unfinished cell into --work (run the other side in a "
+                        "second process on another core, then rerun without --part to measure the cell)")
     p.add_argument("--report-only", action="store_true",
                    help="only rewrite the results of the grid from the finished cells in --work")
     a = p.parse_args(argv)
@@ -587,5 +624,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.report_only:
         report_crossover(a.out, a.work, b)
     else:
-        run_crossover(a.out, work=a.work, base=a.base, budget=b, max_cells=a.max_cells)
+        trained = run_crossover(a.out, work=a.work, base=a.base, budget=b, max_cells=a.max_cells, part=a.part)
+        if a.part is not None:
+            print(json.dumps(trained, indent=1))
+            return
     print((a.out / "crossover.md").read_text(encoding="utf-8"))
