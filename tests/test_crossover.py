@@ -74,6 +74,8 @@ def test_json_shape_and_files(crossover_run):
     md = (out / "crossover.md").read_text()
     assert "| steps per domain | init | N=2 | N=3 |" in md and "## Where per-domain adapters start to win" in md
     assert (out / "crossover.png").stat().st_size > 0
+    assert all(r["hardware"] for r in detail["cells"].values())  # a grid's cells may come from several machines
+    assert f"Cells were measured on: {detail['hardware']}." in md
 
 
 def test_equal_compute_and_same_seed(crossover_run):

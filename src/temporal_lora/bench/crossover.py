@@ -317,6 +317,7 @@ class _Run:
         if modes:
             record["ratio_top2_vs_hard"] = round(g["top2"] / g["routed"], 4)
             record["ratio_soft_vs_hard"] = round(g["soft"] / g["routed"], 4)
+        record["hardware"] = hardware()  # the cells of one grid may come from several machines (seconds differ)
         record["seconds"] = round(time.perf_counter() - t0, 1)
         record["seconds_training_this_run"] = round(train_seconds, 1)
         return record
@@ -533,7 +534,13 @@ def markdown(main: dict, detail: dict, b: CrossoverBudget) -> str:
     if detail["remaining_cells_in_order"]:
         lines += ["", f"Not measured yet ({len(detail['remaining_cells_in_order'])} cells, next first): "
                   + ", ".join(detail["remaining_cells_in_order"]) + "."]
-    lines += ["", "## Notes", ""] + [f"- {n}" for n in detail["notes"]] + ["", detail["hardware"]]
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in detail["notes"]]
+    machines = sorted({r["hardware"] for r in cells.values() if "hardware" in r})
+    lines += ["", "This report was written on: " + detail["hardware"]]
+    if machines:
+        older = any("hardware" not in r for r in cells.values())
+        lines += ["Cells were measured on: " + "; ".join(machines) + (" (older cells did not record theirs)."
+                                                                       if older else ".")]
     return "\n".join(lines) + "\n"
 
 
