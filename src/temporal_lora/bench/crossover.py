@@ -397,7 +397,8 @@ def run_crossover(out: str | Path, *, work: str | Path | None = None, base: str 
     `max_cells` stops after that many new cells (the rest is left for a rerun). `part`
     ("adapters" or "multitask") only trains that side of the next unfinished cell into the cache
     and measures nothing: two processes, one per side, share a cell's training on two cores, and a
-    third run (no `part`) then measures it from the cache.
+    third run (no `part`) then measures it from the cache. Returns the report, or with `part`
+    {"cell": the cell's key (None: the grid is finished), "trained": its folders of that side}.
     """
     if part not in (None, *PARTS):
         raise InputError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
