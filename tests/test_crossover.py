@@ -14,6 +14,7 @@ from temporal_lora.bench.crossover import (
     INITS,
     Cell,
     CrossoverBudget,
+    crossover_recipe,
     load_cells,
     plan,
     report_crossover,
@@ -142,12 +143,20 @@ def test_report_only_rewrites_results_from_the_cells(crossover_run, tmp_path):
     assert set(part["crossover"]["4"]["base"]) == {"2"}
 
 
-def test_committed_results_outlive_the_work_folder(crossover_run, tmp_path):
+def test_committed_results_outlive_the_work_folder(crossover_run, tiny_llama, tmp_path):
     # A new machine has no work folder: the cells recorded in the results are kept, if the recipe matches.
     out, report, _, _ = crossover_run
-    assert load_cells(tmp_path / "new-work", out, tiny_config(), _budget()) == report["cells"]
-    assert load_cells(tmp_path / "new-work", out, replace(tiny_config(), lr=1e-4), _budget()) == {}
-    assert load_cells(tmp_path / "new-work", out, tiny_config(), replace(_budget(), ppl_chunks=5)) == {}
+    domains = list(_AREAS)
+    recipe = crossover_recipe(tiny_config(), _budget(), domains, str(tiny_llama))
+    assert recipe == json.loads((out / "work" / "recipe.json").read_text())  # what the run checked its cache with
+    assert load_cells(tmp_path / "new-work", out, recipe) == report["cells"]
+    other = crossover_recipe(replace(tiny_config(), lr=1e-4), _budget(), domains, str(tiny_llama))
+    assert load_cells(tmp_path / "new-work", out, other) == {}
+    other = crossover_recipe(tiny_config(), replace(_budget(), ppl_chunks=5), domains, str(tiny_llama))
+    assert load_cells(tmp_path / "new-work", out, other) == {}
+    other = crossover_recipe(tiny_config(), _budget(), domains, "another-base")  # another base model's cells
+    assert load_cells(tmp_path / "new-work", out, other) == {}
+    assert load_cells(tmp_path / "new-work", out, recipe | {"domains": domains[::-1]}) == {}
 
 
 def test_parts_train_one_side_each_then_the_cell_trains_nothing(tiny_llama, tmp_path, monkeypatch):

@@ -352,22 +352,29 @@ def _cached_nll(tl, name: str, folder: Path, domain: str, chunks: torch.Tensor) 
     return torch.tensor(got, dtype=torch.float32)
 
 
-def load_cells(work: Path, out: Path | None = None, cfg: TrainConfig | None = None,
-               b: CrossoverBudget | None = None) -> dict[str, dict]:
+def load_cells(work: Path, out: Path | None = None, recipe: dict | None = None) -> dict[str, dict]:
     """The finished cells: those recorded in `out`'s crossover_detail.json (the committed results,
-    which outlive a lost work folder or a move to another machine) when they were measured with the
-    same recipe (`cfg`, `b`'s data sizes), then those in `work/cells`, which win."""
+    which outlive a lost work folder or a move to another machine) when they were measured with
+    `recipe` (`crossover_recipe`: training config, data sizes, domains, base model), then those in
+    `work/cells`, which win."""
     done: dict[str, dict] = {}
     detail = out / "crossover_detail.json" if out is not None else None
-    if detail is not None and detail.is_file() and cfg is not None and b is not None:
+    if recipe is not None and detail is not None and detail.is_file():
         old = json.loads(detail.read_text())
-        chunks = {k: v for k, v in asdict(b).items() if k.endswith("chunks")}
-        if old.get("train_config") == cfg.to_dict() and all(old.get("budget", {}).get(k) == v for k, v in chunks.items()):
+        if old.get("recipe") == recipe:
             done |= old.get("cells", {})
     folder = work / "cells"
     if folder.is_dir():
         done |= {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
     return done
+
+
+def crossover_recipe(cfg: TrainConfig, b: CrossoverBudget, domains: list[str], base: str | None) -> dict:
+    """What the cached adapters, features and finished cells depend on (as JSON reads it back). The
+    grid (steps, inits, N, seeds) may change between runs: cells are keyed by it."""
+    return json.loads(json.dumps({
+        "train_config": {k: v for k, v in cfg.to_dict().items() if k not in ("steps", "seed")},
+        "data": {k: v for k, v in asdict(b).items() if k.endswith("chunks")}, "domains": domains, "base": base}))
 
 
 def grid_config(b: CrossoverBudget) -> TrainConfig:
@@ -382,8 +389,14 @@ def report_crossover(out: str | Path, work: str | Path, budget: CrossoverBudget 
     """Rewrite the results of `budget`'s grid (default: the whole quick grid) from the finished cells
     in `work`, running nothing (e.g. after runs of partial grids)."""
     b = budget or CrossoverBudget()
-    cfg = grid_config(b)
-    return write_crossover(load_cells(Path(work), Path(out), cfg, b), b, cfg, Path(out))
+    work, out = Path(work), Path(out)
+    # The recipe the work folder was run with; without one, the committed results' own.
+    recipe = None
+    if (work / "recipe.json").is_file():
+        recipe = json.loads((work / "recipe.json").read_text())
+    elif (out / "crossover_detail.json").is_file():
+        recipe = json.loads((out / "crossover_detail.json").read_text()).get("recipe")
+    return write_crossover(load_cells(work, out, recipe), b, grid_config(b), out, recipe)
 
 
 def run_crossover(out: str | Path, *, work: str | Path | None = None, base: str | None = None,
@@ -408,22 +421,19 @@ def run_crossover(out: str | Path, *, work: str | Path | None = None, base: str 
     corpora, domains = scaling_corpora(corpora, max(b.ns))
     out = Path(out)
     work = Path(work) if work is not None else out / "crossover-work"
-    # The grid (steps, inits, N, seeds) may change between runs: cells are keyed by it. What the
-    # cached adapters and features depend on may not.
-    check_recipe(work, {"train_config": {k: v for k, v in cfg.to_dict().items() if k not in ("steps", "seed")},
-                        "data": {k: v for k, v in asdict(b).items() if k.endswith("chunks")},
-                        "domains": domains, "base": base})
+    recipe = crossover_recipe(cfg, b, domains, base)
+    check_recipe(work, recipe)
     log(f"[crossover] cache in {work}; results into {out}")
     model, tokenizer, base_id = load_backbone(base)
     spec = resolve_feature_spec(cfg.router.features, len(decoder_layers(model)))
     data = prepare_domains(corpora, domains, tokenizer, cfg, b.scaling(b.ns),
                            train_windows=max(b.steps) * cfg.batch_size)
     run = _Run(work, b, cfg, domains, data, model, spec, base, base_id, Phases(work, log), progress, log)
-    done = load_cells(work, out, cfg, b)
+    done = load_cells(work, out, recipe)
     if part is not None:
         return run.train_part(next((c for c in plan(b, done) if c.key not in done), None), part)
     new = 0
-    report = write_crossover(done, b, cfg, out)
+    report = write_crossover(done, b, cfg, out, recipe)
     while max_cells is None or new < max_cells:
         todo = [c for c in plan(b, done) if c.key not in done]
         if not todo:
@@ -433,7 +443,7 @@ def run_crossover(out: str | Path, *, work: str | Path | None = None, base: str 
         done[c.key] = run.cell(c)
         atomic_write_text(work / "cells" / f"{c.key}.json", json.dumps(done[c.key], indent=1))
         new += 1
-        report = write_crossover(done, b, cfg, out)
+        report = write_crossover(done, b, cfg, out, recipe)
         if "ratio" in done[c.key]:
             log(f"[crossover] {c.key}: routed / multitask = {done[c.key]['ratio']:.4f}")
     return report
@@ -571,9 +581,12 @@ def _statements(main: dict, detail: dict, b: CrossoverBudget) -> list[str]:
     return out or ["- no cell finished yet."]
 
 
-def write_crossover(done: dict[str, dict], b: CrossoverBudget, cfg: TrainConfig, out: Path) -> dict:
-    """crossover.json (the {steps: {init: {N: ratio}}} table), crossover_detail.json, crossover.md, .png."""
+def write_crossover(done: dict[str, dict], b: CrossoverBudget, cfg: TrainConfig, out: Path,
+                    recipe: dict | None) -> dict:
+    """crossover.json (the {steps: {init: {N: ratio}}} table), crossover_detail.json (with `recipe`,
+    which a later run compares before counting its cells as done), crossover.md, .png."""
     main, detail = summarize(done, b, cfg)
+    detail["recipe"] = recipe
     write_results(out, "crossover_detail", detail, markdown(main, detail, b))
     (out / "crossover_detail.md").replace(out / "crossover.md")
     atomic_write_text(out / "crossover.json", json.dumps(main, indent=2))
