@@ -19,11 +19,13 @@ demo: $(STAMP)
 	$(BIN)/tlora demo
 
 test: $(STAMP) browser
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
+# The fast tier (a few minutes): no multi-process, server-process, browser or real-model tests.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not real"
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q -m "not slow and not real"
 
 # Debian's Chromium for the playground's browser test (skipped, with a reason, where it cannot be installed).
 browser:
@@ -31,7 +33,7 @@ browser:
 		|| echo "warning: could not install chromium; the playground browser test will be skipped"
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

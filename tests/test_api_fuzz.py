@@ -65,6 +65,7 @@ def fuzz(operation, mode: str, url: str, statuses: Counter) -> None:
         assert mode == "negative" and not operation.body and not operation.query
 
 
+@pytest.mark.slow
 def test_fuzzed_requests_never_get_a_server_error(url):
     schema = schemathesis.openapi.from_url(url + "/openapi.json")
     statuses: Counter = Counter()

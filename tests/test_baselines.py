@@ -6,13 +6,13 @@ import pytest
 import torch
 from support.tiny import tiny_config
 
-from temporal_lora.backbone import fingerprint, load_backbone
-from temporal_lora.bench.baselines import (
+from benchmarks.baselines import (
     merge_adapters,
     prefix_texts,
     train_multitask,
     train_sequential,
 )
+from temporal_lora.backbone import fingerprint, load_backbone
 from temporal_lora.model import TemporalLoRA
 
 

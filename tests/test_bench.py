@@ -6,9 +6,9 @@ from dataclasses import replace
 
 from support.tiny import TINY_DOMAINS
 
-from temporal_lora.bench import run_bench
-from temporal_lora.bench.common import BenchBudget
-from temporal_lora.bench.quality import backward_transfer
+from benchmarks.common import BenchBudget
+from benchmarks.compare import run_bench
+from benchmarks.quality import backward_transfer
 from temporal_lora.corpora.sotu import sotu_documents
 
 TINY = BenchBudget(name="test", ppl_chunks=3, router_chunks=6, ood_chunks=4, repeats=1, new_tokens=3,
@@ -47,19 +47,30 @@ def test_bench_report_schema(tiny_bundle, tiny_llama, tmp_path):
         assert all(v > 1 for v in saved["ppl"][s].values())
         assert set(saved["ppl_ratio_to_oracle"][s]) == set(TINY_DOMAINS)
     assert all(v == 1.0 for v in saved["ppl_ratio_to_oracle"]["oracle"].values())
-    # hard routing where the router is right is exactly the oracle; the sequential baseline's last
-    # step and the temporal forgetting matrix's last row agree with the quality table
+    # the sequential baseline's last step agrees with the quality table
     f = saved["forgetting"]
     assert f["sequential"][-1] == [saved["ppl"]["sequential"][d] for d in f["order"]]
-    assert f["temporal"][-1] == [saved["ppl"]["hard"][d] for d in f["order"]] or saved["router"]["accuracy"] < 1
-    assert f["sequential"][0][1] is None  # only domains already seen are scored
+    # Temporal LoRA's adapters are frozen: with one domain there is nothing to route (its own adapter,
+    # exactly the oracle); a later step differs from the oracle only where the router refreshed at
+    # that step sends chunks elsewhere; only domains already seen are scored
+    oracle = [saved["ppl"]["oracle"][d] for d in f["order"]]
+    assert f["temporal"][0][0] == oracle[0]
+    for t, (seq_row, row) in enumerate(zip(f["sequential"], f["temporal"], strict=True)):
+        assert seq_row[t + 1:] == row[t + 1:] == [None] * (len(oracle) - t - 1)
+        if f["temporal_router_accuracy"][t] == 1.0:
+            assert row[: t + 1] == oracle[: t + 1]
     assert set(saved["bwt"]) == {"sequential", "temporal"}
     for key in ("accuracy", "macro_f1", "ece", "accuracy_by_length"):
         assert key in saved["router"]
     assert saved["confusable"]["domains"] == ["early", "modern"]
     assert 0 <= saved["confusable"]["accuracy"] <= 1
-    for key in ("routing_overhead_ratio", "mixed_batch_speedup_vs_peft", "soft_vs_hard_ratio", "router_refresh_seconds"):
-        assert saved["speed"][key] > 0 or key == "router_refresh_seconds"
+    for key in ("routing_overhead_ratio", "mixed_batch_speedup_vs_peft", "mixed_batch_speedup_vs_groups",
+                "soft_vs_hard_ratio"):
+        assert saved["speed"][key] > 0
+    # what adding a domain costs besides its adapter: the refresh over all domains (the last step's)
+    by_step = saved["speed"]["router_refresh_seconds_by_step"]
+    assert len(by_step) == len(f["order"]) and min(by_step) >= 0
+    assert saved["speed"]["router_refresh_seconds"] == by_step[-1]
     assert saved["memory"]["all_adapters_vs_base_ratio"] > 1
     curve = saved["abstention"]["curve"]
     assert curve[0]["threshold"] == 0 and curve[0]["in_domain_coverage"] == 1.0 and curve[0]["ood_to_base"] == 0.0

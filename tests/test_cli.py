@@ -1,12 +1,16 @@
 """The CLI: JSON output, one clear error line and exit status 2 for bad input, nothing written."""
 
+import argparse
 import json
 import subprocess
 import sys
+import types
+from pathlib import Path
 
 import pytest
 
-from temporal_lora.cli import build_parser, main
+from temporal_lora import cli
+from temporal_lora.cli import COMMANDS, OneOf, build_parser, main
 
 
 def run(capsys, *argv):
@@ -21,12 +25,110 @@ def _assert_clean_error(code, err, text):
     assert len(lines) == 1 and text in lines[0], err
 
 
-def test_every_command_has_help():
-    parser = build_parser()
-    for command in ("fetch", "train", "route", "generate", "eval", "demo"):
-        with pytest.raises(SystemExit) as exc:
-            parser.parse_args([command, "--help"])
-        assert exc.value.code == 0
+EXPECTED_COMMANDS = [
+    "fetch", "corpus", "train", "route", "generate", "eval", "demo", "add-domain", "add-subdomain",
+    "add-style", "examples", "remove-domain", "history", "rollback", "bench", "serve", "export",
+]
+EXPECTED_NESTED = [("examples", "add"), ("examples", "list"), ("examples", "remove"), ("export", "vllm")]
+
+
+def _command_paths(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command reachable from the parser: its subparsers, recursively, and a leaf's fixed
+    positional choices (`export vllm`), read from argparse, so that a new command is covered."""
+    paths = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                paths += [(*words, name), *_command_paths(sub, (*words, name))]
+        elif not action.option_strings and action.choices and words:
+            paths += [(*words, choice) for choice in action.choices]
+    return paths
+
+
+def test_every_command_has_help(capsys):
+    paths = _command_paths(build_parser())
+    assert [p[0] for p in paths if len(p) == 1] == EXPECTED_COMMANDS  # a dropped command fails here
+    assert [p for p in paths if len(p) > 1] == EXPECTED_NESTED
+    for words in paths:
+        try:
+            code = main([*words, "--help"])
+        except SystemExit as exc:
+            code = exc.code
+        out, err = capsys.readouterr()
+        assert code == 0, (words, err)
+        assert out.startswith(f"usage: tlora {words[0]}") and words[-1] in out, (words, out)
+        assert not err, (words, err)
+
+
+def _help_of(capsys, *words) -> str:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args([*words, "--help"])
+    assert exc.value.code == 0
+    return capsys.readouterr().out
+
+
+def _squeezed(text: str) -> str:
+    return "".join(text.split())  # argparse wraps lines, also at hyphens
+
+
+def _flags(command) -> list[str]:
+    args = [a for item in command.args for a in (item.args if isinstance(item, OneOf) else (item,))]
+    return [name for a in args for name in a.names if name.startswith("-")]
+
+
+def test_every_command_and_flag_of_the_table_is_in_help(capsys):
+    top = _help_of(capsys)
+    for name, command in COMMANDS.items():
+        assert name in top and _squeezed(command.help) in _squeezed(top)
+        if not command.add_help:  # bench: its words go to the lab, whose --help lists the benchmarks
+            continue
+        text = _help_of(capsys, name)
+        assert [f for f in _flags(command) if f not in text] == [], name
+        for action, sub in command.actions.items():
+            assert action in text
+            sub_text = _help_of(capsys, name, action)
+            assert [f for f in _flags(sub) if f not in sub_text] == [], f"{name} {action}"
+
+
+def test_setting_flags_take_their_help_from_the_settings_docstrings(capsys):
+    text = _squeezed(_help_of(capsys, "route"))
+    docs = cli.field_docs("temporal_lora.routing.segments", "SegmentConfig")
+    for field in ("smoothing", "margin", "confirm", "min_confidence"):
+        assert _squeezed(f"segment routing: {docs[field]}") in text
+    text = _squeezed(_help_of(capsys, "train"))
+    assert _squeezed(cli.field_docs("temporal_lora.config", "RouterConfig")["features"]) in text
+    assert "{quick,full}" in text
+
+
+def test_bench_hands_its_words_to_the_lab(monkeypatch, capsys):
+    calls = []
+
+    def fake_main(argv, prog):
+        calls.append((argv, prog))
+        return 3
+
+    monkeypatch.setitem(sys.modules, "benchmarks", types.SimpleNamespace(main=fake_main))
+    assert main(["bench", "scaling", "--steps", "8"]) == 3
+    assert main(["bench", "--out", "x", "--budget", "full"]) == 3  # no name: the comparison bench
+    assert main(["bench"]) == 3
+    assert main(["bench", "--help"]) == 3
+    assert calls == [(["scaling", "--steps", "8"], "tlora bench"), (["all", "--out", "x", "--budget", "full"],
+                     "tlora bench"), (["all"], "tlora bench"), (["--help"], "tlora bench")]
+
+
+def test_bench_outside_a_checkout_says_where_the_benchmarks_are(monkeypatch, tmp_path, capsys):
+    monkeypatch.delitem(sys.modules, "benchmarks", raising=False)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if not (Path(p or ".").resolve() / "benchmarks").is_dir()])
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "bench", "--help")
+    _assert_clean_error(code, err, "tlora bench runs from a repository checkout")
+    assert "python -m benchmarks NAME" in err
+
+
+def test_unknown_flags_are_still_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["history", "--bundle", "b", "--nope"])
+    assert exc.value.code == 2 and "unrecognized arguments: --nope" in capsys.readouterr().err
 
 
 def test_route_prints_one_json_object_per_input(capsys, tiny_bundle, tmp_path):

@@ -1,6 +1,7 @@
 """Conversational JSONL: assistant-only loss with the chat template, and one clear error per bad line."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -281,7 +282,7 @@ def test_bad_conversation_lines_exit_2_and_change_nothing(conv_bundle, chat_llam
         assert main(argv) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tlora: error:")]
         assert len(err) == 1 and message in err[0] and "bad.jsonl" in err[0], err
-        assert ":2:" in err[0] or "line 2" in err[0], err
+        assert re.search(r"bad\.jsonl(:2:|, line 2:) ", err[0]), err  # the file and line of the bad row
     assert _tree(bundle) == before
     assert not (tmp_path / "new").exists()
 
@@ -325,6 +326,7 @@ A topic heading, not a question.
     assert ">>> connection.queries" in assistant["content"] and ":doc:" not in assistant["content"]
 
 
+@pytest.mark.slow
 def test_conversations_bench_runs_and_merges_into_styles_json(chat_llama, tmp_path):
     """The benchmark's whole path on the tiny model (real FAQ, real technical documents): three adapters,
     routing with a bundle's replay memory, and a merge that keeps every other key of styles.json."""
@@ -332,7 +334,7 @@ def test_conversations_bench_runs_and_merges_into_styles_json(chat_llama, tmp_pa
 
     from support.tiny import tiny_config
 
-    from temporal_lora.bench.conversations import run_conversations_bench
+    from benchmarks.conversations import run_conversations_bench
     from temporal_lora.train import train_bundle
 
     cfg = tiny_config()
@@ -364,7 +366,7 @@ def test_corpus_command_writes_the_faq_and_the_faq_is_held_out_of_technical(tmp_
     assert main(["corpus", "django-faq", "--out", str(out)]) == 0
     convs = read_conversations(out)
     assert len(convs) >= 40 and all(c.messages[0]["role"] == "user" for c in convs)
-    assert "52 conversations" in capsys.readouterr().out or len(convs) != 52
+    assert capsys.readouterr().out == f"{len(convs)} conversations written to {out}\n"
     technical = load_builtin("technical", progress=False)
     assert technical and not [d for d in technical if d.id.startswith("faq/")]
     assert main(["corpus", "no-such-corpus", "--out", str(tmp_path / "x.jsonl")]) == 2

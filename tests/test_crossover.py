@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from support.tiny import tiny_config
 
-from temporal_lora.bench.crossover import (
+from benchmarks.crossover import (
     INITS,
     Cell,
     CrossoverBudget,
@@ -128,8 +128,8 @@ def test_resume_keeps_cells_and_trains_nothing(crossover_run, tiny_llama, monkey
     def no_training(*a, **k):
         raise AssertionError("a finished adapter was trained again")
 
-    for where in ("adapters", "bench.baselines", "bench.crossover"):
-        monkeypatch.setattr(f"temporal_lora.{where}.train_adapter", no_training)
+    for where in ("temporal_lora.adapters", "benchmarks.baselines", "benchmarks.crossover"):
+        monkeypatch.setattr(f"{where}.train_adapter", no_training)
     again = _run(out, tiny_llama)
     assert again["cells"] == report["cells"] and again["crossover"] == report["crossover"]
 
@@ -177,8 +177,8 @@ def test_parts_train_one_side_each_then_the_cell_trains_nothing(tiny_llama, tmp_
     def no_training(*a, **k):
         raise AssertionError("a part trained by --part was trained again")
 
-    for where in ("adapters", "bench.baselines", "bench.crossover"):
-        monkeypatch.setattr(f"temporal_lora.{where}.train_adapter", no_training)
+    for where in ("temporal_lora.adapters", "benchmarks.baselines", "benchmarks.crossover"):
+        monkeypatch.setattr(f"{where}.train_adapter", no_training)
     report = run()
     assert report["cells"]["s2-base-N2-seed0"]["ratio"] > 0
     assert run(part="adapters") == {"cell": None, "trained": []}  # the grid is finished
@@ -211,7 +211,7 @@ def test_cli_refuses_other_budgets_and_bundles(capsys, tmp_path):
 
 
 def test_cache_refuses_another_recipe_and_names_the_difference(tmp_path):
-    from temporal_lora.bench.common import check_recipe
+    from benchmarks.common import check_recipe
     from temporal_lora.errors import InputError
 
     recipe = {"train_config": {"lr": 0.002}, "domains": ["a", "b", "c"], "base": None}

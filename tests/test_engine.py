@@ -3,6 +3,7 @@
 import threading
 
 import pytest
+import torch
 from support.serving import load_served, pick_domain_texts
 
 from temporal_lora.server.engine import Engine, Job, Route, Sampling
@@ -87,3 +88,17 @@ def test_cancelled_jobs_stop_and_free_their_row(tl):
         assert after.reason in ("length", "stop")
     finally:
         engine.close()
+
+
+def test_a_decoder_stops_on_any_id_of_the_eos_set(tl):
+    from temporal_lora.server.engine import Decoder
+
+    out = Collector()
+    job = Job([5, 6], Route(domain="code"), Sampling(max_new_tokens=10, temperature=0), out)
+    decoder = Decoder(job, tl.tokenizer, {tl.tokenizer.eos_token_id, 42})
+    for token in (7, 42):  # 42: a second end-of-sequence id (chat models have several)
+        logits = torch.zeros(tl.model.config.vocab_size)
+        logits[token] = 1.0
+        decoder.next_token(logits)
+    assert out.reason == "stop" and decoder.finished and decoder.tokens == [7]
+    assert out.text == tl.tokenizer.decode([7], skip_special_tokens=True)

@@ -50,6 +50,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_tlora_serve_process_answers_openai_clients(tiny_bundle):
     port = _free_port()
     env = {**os.environ, "TLORA_API_KEY": "k"}

@@ -193,10 +193,14 @@ def test_remove_domain_keeps_or_drops_subdomains(hier, tmp_path):
 
 def test_cli_route_shows_the_subdomain_and_errors_change_nothing(hier, corpora, capsys):
     bundle = hier[0]
-    text = (corpora["codecs"] / "encodings-cp1252.txt").read_text()[:600]
+    # a child's text that the top level sends to `code` (the tiny router does not send every one there)
+    tl = TemporalLoRA.from_pretrained(bundle)
+    texts = [f.read_text()[:600] for path in corpora.values() for f in sorted(path.glob("*.txt"))]
+    text = next(t for t, d in zip(texts, tl.route(texts), strict=True) if d.domain == "code")
     assert main(["route", "--bundle", str(bundle), "--fallback-threshold", "0", text]) == 0
     row = json.loads(capsys.readouterr().out)
-    assert row["route"] == f"{row['domain']}/{row['subdomain']}" or row["domain"] != "code"
+    assert row["domain"] == "code" and row["subdomain"] in CHILDREN and not row["fallback"]
+    assert row["route"] == f"code/{row['subdomain']}" and set(row["subdomain_probs"]) == set(CHILDREN)
     before = read_manifest(bundle)["files"]
     assert main(["add-subdomain", "--bundle", str(bundle), "--parent", "nope", "--name", "x",
                  "--data", str(corpora["net"])]) == 2

@@ -15,7 +15,6 @@ from temporal_lora.cli import main as cli_main
 from temporal_lora.errors import TemporalLoRAError
 
 ARTIFACTS = Path(__file__).parents[1] / "runs" / "test-artifacts"
-TRIED: Counter = Counter()
 SETTINGS = dict(derandomize=True, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # Any code point, lone surrogates included (what invalid UTF-8 becomes with surrogateescape).
@@ -34,6 +33,17 @@ def tl(tiny_bundle):
     return TemporalLoRA.from_pretrained(tiny_bundle)
 
 
+@pytest.fixture(scope="module")
+def tried():
+    """Inputs tried, by test and outcome; written to inputs.json after this module's last test,
+    whichever tests ran and in whatever order."""
+    counts: Counter = Counter()
+    yield counts
+    if counts:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        (ARTIFACTS / "inputs.json").write_text(json.dumps(dict(sorted(counts.items())), indent=2))
+
+
 def check_route(tl, text: str) -> str:
     try:
         (decision,) = tl.route([text])
@@ -49,15 +59,15 @@ def check_route(tl, text: str) -> str:
 
 @settings(max_examples=150, **SETTINGS)
 @given(text=texts)
-def test_routing_gives_a_route_or_a_clear_error(tl, text):
-    TRIED[f"route:{check_route(tl, text)}"] += 1
+def test_routing_gives_a_route_or_a_clear_error(tl, tried, text):
+    tried[f"route:{check_route(tl, text)}"] += 1
 
 
 @settings(max_examples=25, **SETTINGS)
 @given(batch=st.lists(texts, min_size=2, max_size=5))
-def test_routing_in_a_batch_equals_routing_each_alone(tl, batch):
+def test_routing_in_a_batch_equals_routing_each_alone(tl, tried, batch):
     valid = [t for t in batch if check_route(tl, t) == "route"]
-    TRIED["batch route"] += len(batch)
+    tried["batch route"] += len(batch)
     if len(valid) < 2:
         return
     together = tl.route(valid)
@@ -69,17 +79,17 @@ def test_routing_in_a_batch_equals_routing_each_alone(tl, batch):
 
 @settings(max_examples=40, **SETTINGS)
 @given(text=texts, unit=st.sampled_from(["sentence", "paragraph", "tokens:8"]))
-def test_segment_routing_gives_segments_or_a_clear_error(tl, text, unit):
+def test_segment_routing_gives_segments_or_a_clear_error(tl, tried, text, unit):
     from temporal_lora.routing.segments import SegmentConfig, SegmentRouter
 
     try:
         segments = SegmentRouter(tl, SegmentConfig.parse(unit)).route(text)
     except TemporalLoRAError as exc:
         assert str(exc)
-        TRIED["segments:error"] += 1
+        tried["segments:error"] += 1
         return
     assert segments and all(s.domain in (*tl.domains, None) for s in segments)
-    TRIED["segments:routed"] += 1
+    tried["segments:routed"] += 1
 
 
 # Sampling settings a caller can pass, extreme ones included (overflow to inf, nan, zero, negative).
@@ -89,24 +99,24 @@ knob = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from
 @settings(max_examples=40, **SETTINGS)
 @given(text=texts, mode=st.sampled_from(["hard", "soft", "topk"]), chat=st.booleans(),
        sample=st.booleans(), temperature=knob, penalty=knob)
-def test_generation_gives_text_or_a_clear_error(tl, text, mode, chat, sample, temperature, penalty):
+def test_generation_gives_text_or_a_clear_error(tl, tried, text, mode, chat, sample, temperature, penalty):
     try:
         (gen,) = tl.generate([text], mode=mode, max_new_tokens=2, chat=chat and bool(tl.tokenizer.chat_template),
                              do_sample=sample, temperature=temperature, repetition_penalty=penalty)
     except TemporalLoRAError as exc:
         assert str(exc)
-        TRIED["generate:error"] += 1
+        tried["generate:error"] += 1
         return
     assert isinstance(gen.text, str)
     assert all(math.isfinite(w) for w in gen.weights.values())
-    TRIED["generate:text"] += 1
+    tried["generate:text"] += 1
 
 
 @settings(max_examples=30, **SETTINGS)
 @given(raw=st.one_of(st.binary(max_size=300),
                      st.lists(texts, min_size=1, max_size=3).map(
                          lambda ts: "\n".join(json.dumps({"text": t}) for t in ts).encode("utf-8", "surrogatepass"))))
-def test_cli_route_on_arbitrary_jsonl_bytes(tiny_bundle, tmp_path_factory, capsys, raw):
+def test_cli_route_on_arbitrary_jsonl_bytes(tiny_bundle, tmp_path_factory, capsys, tried, raw):
     """Whatever bytes a user's file holds: JSON routes on stdout (exit 0) or one error line (exit 2)."""
     path = tmp_path_factory.mktemp("jsonl") / "in.jsonl"
     path.write_bytes(raw)
@@ -114,12 +124,7 @@ def test_cli_route_on_arbitrary_jsonl_bytes(tiny_bundle, tmp_path_factory, capsy
     out, err = capsys.readouterr()
     if code == 0:
         assert all("probs" in json.loads(line) for line in out.splitlines())
-        TRIED["cli jsonl:routed"] += 1
+        tried["cli jsonl:routed"] += 1
     else:
         assert code == 2 and err.startswith("tlora: error:") and len(err.strip().splitlines()) == 1, err
-        TRIED["cli jsonl:error"] += 1
-
-
-def test_zz_write_inputs_report():
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    (ARTIFACTS / "inputs.json").write_text(json.dumps(dict(sorted(TRIED.items())), indent=2))
+        tried["cli jsonl:error"] += 1

@@ -1,4 +1,5 @@
-"""The package's imports point one way: corpora at the bottom, measurement, CLI and server on top.
+"""The package's imports point one way: corpora at the bottom, CLI and server on top, and the
+measurement lab (benchmarks/, beside src/) outside it: nothing in the package imports it.
 
 Imports are read with `ast` (those inside functions too, which is where cycles used to hide).
 Run on another tree with `python tests/test_layering.py path/to/src/temporal_lora`.
@@ -15,19 +16,17 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 
 # Lower layers never import higher ones; a layer may import within itself (without cycles).
 LAYERS = [
-    ["errors", "config", "meta", "text", "cache", "rewards"],
+    ["errors", "config", "meta", "text", "cache", "rewards", "sampling"],
     ["corpora", "data", "conversations"],
     ["backbone", "adapters", "mixing", "gguf_files", "llamacpp"],
     ["routing"],
     ["bundle", "storage", "model", "versions"],
     ["train", "evolve", "questions"],
     ["evaluate", "scoring"],
-    # bench sits beside the server: the engine benchmark drives the batching engines in-process
-    # (BENCH_IMPORTERS still keeps the server and everything else from importing bench).
-    ["bench", "cli", "server", "demo", "export", "segments", PACKAGE],
+    ["cli", "server", "demo", "export", "segments", PACKAGE],
 ]
-# Only the command line (the top) may start a measurement.
-BENCH_IMPORTERS = ("bench", "cli")
+# The measurement lab: a package beside src/ that imports this one, never the other way round.
+LAB = "benchmarks"
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -63,6 +62,21 @@ def imports(root: Path) -> tuple[dict[str, set[str]], list[str]]:
                         private.append(f"{name} imports {alias.name} from {base}")
         edges[name].discard(name)
     return edges, private
+
+
+def lab_imports(root: Path) -> list[str]:
+    """Every import of the measurement lab (LAB) by a module of the package."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            found += [f"{module_name(path, root)} imports {n}" for n in names if n.split(".")[0] == LAB]
+    return found
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -110,7 +124,7 @@ def layer_of(module: str) -> int | None:
 
 def violations(root: Path) -> dict[str, list[str]]:
     edges, private = imports(root)
-    upward, unplaced, bench = [], [], []
+    upward, unplaced = [], []
     for src, targets in sorted(edges.items()):
         if layer_of(src) is None:
             unplaced.append(src)
@@ -118,10 +132,8 @@ def violations(root: Path) -> dict[str, list[str]]:
             a, b = layer_of(src), layer_of(dst)
             if a is not None and b is not None and b > a:
                 upward.append(f"{src} (layer {a}) imports {dst} (layer {b})")
-            if top_level(dst) == "bench" and top_level(src) not in BENCH_IMPORTERS:
-                bench.append(f"{src} imports {dst}")
     return {"cycles": [" -> ".join(c) for c in cycles(edges)], "upward imports": upward,
-            "bench imported from outside bench/ and the CLI": bench,
+            "the measurement lab imported by the package": lab_imports(root),
             "private names imported across modules": private, "modules in no layer": unplaced}
 
 
@@ -137,14 +149,15 @@ def test_the_checker_sees_a_cycle_and_a_private_import(tmp_path):
     (pkg / "routing" / "__init__.py").write_text("")
     (pkg / "model.py").write_text("from temporal_lora.routing.gate import net\n")
     (pkg / "routing" / "gate.py").write_text("def f():\n    from temporal_lora.model import _helper\n")
-    (pkg / "data.py").write_text("from temporal_lora.bench import run\n")
-    (pkg / "bench.py").write_text("")
+    (pkg / "data.py").write_text("def f():\n    from benchmarks.compare import run_bench\n")
+    (pkg / "cli.py").write_text("import benchmarks.registry\n")
     found = violations(pkg)
     assert found["cycles"] == ["temporal_lora.model -> temporal_lora.routing.gate"]
     assert found["private names imported across modules"] == [
         "temporal_lora.routing.gate imports _helper from temporal_lora.model"]
     assert "temporal_lora.routing.gate (layer 3) imports temporal_lora.model (layer 4)" in found["upward imports"]
-    assert found["bench imported from outside bench/ and the CLI"] == ["temporal_lora.data imports temporal_lora.bench"]
+    assert found["the measurement lab imported by the package"] == [
+        "temporal_lora.cli imports benchmarks.registry", "temporal_lora.data imports benchmarks.compare"]
 
 
 if __name__ == "__main__":

@@ -113,6 +113,7 @@ def test_evaluation_report(loaded, tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["timing"]
 
 
+@pytest.mark.slow
 def test_gpt2_architecture_end_to_end(tiny_gpt2, tmp_path):
     """The original method's base architecture: Conv1D layers need fan_in_fan_out=True."""
     from support.tiny import tiny_config
@@ -130,6 +131,7 @@ def test_gpt2_architecture_end_to_end(tiny_gpt2, tmp_path):
     assert [g.to_dict() for g in first] == [g.to_dict() for g in again]
 
 
+@pytest.mark.slow
 def test_two_process_training_through_accelerate(tiny_llama, tmp_path):
     """Adapter training goes through accelerate: two CPU processes (gloo) train one bundle."""
     import os
@@ -151,6 +153,7 @@ def test_two_process_training_through_accelerate(tiny_llama, tmp_path):
     TemporalLoRA.from_pretrained(tmp_path / "b").route(["import os"])
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_on_a_tiny_model(tiny_llama, tmp_path, capsys):
     """`tlora demo` with the quick budget, on a tiny random model instead of SmolLM2."""
     from temporal_lora.demo import run_demo

@@ -15,6 +15,7 @@ SCREENSHOT = Path(__file__).resolve().parents[1] / "runs" / "test-artifacts" / "
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (make browser installs it)")
 
 
+@pytest.mark.slow
 def test_playground_routes_streams_and_forces(tiny_bundle):
     from playwright.sync_api import expect, sync_playwright
 

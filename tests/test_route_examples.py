@@ -4,6 +4,7 @@ import hashlib
 import json
 import shutil
 
+import pytest
 import torch
 
 from temporal_lora.cli import main
@@ -173,6 +174,7 @@ def test_training_records_router_sources_and_short_texts(tiny_bundle):
     assert manifest["router"]["config"]["short_texts"] > 0
 
 
+@pytest.mark.slow
 def test_router_text_skips_a_source_it_cannot_fetch(monkeypatch, tiny_llama):
     from support.tiny import tiny_config
 

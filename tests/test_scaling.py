@@ -9,7 +9,7 @@ import pytest
 import torch
 from support.tiny import tiny_config
 
-from temporal_lora.bench.scaling import ScalingBudget, run_scaling
+from benchmarks.scaling import ScalingBudget, run_scaling
 from temporal_lora.corpora import Document
 
 # Four small "domains" of standard-library files (always on disk; one file = one document).
@@ -127,8 +127,8 @@ def test_resume_reuses_everything(scaling_run, tiny_llama, monkeypatch):
         raise AssertionError("a finished adapter was trained again")
 
     monkeypatch.setattr("temporal_lora.adapters.train_adapter", no_training)
-    monkeypatch.setattr("temporal_lora.bench.baselines.train_adapter", no_training)
-    monkeypatch.setattr("temporal_lora.bench.scaling_train.train_adapter", no_training)
+    monkeypatch.setattr("benchmarks.baselines.train_adapter", no_training)
+    monkeypatch.setattr("benchmarks.scaling_train.train_adapter", no_training)
     again = run_scaling(out, base=str(tiny_llama), budget=_budget(), corpora=_corpora(), config=tiny_config(),
                         progress=False, log=lambda *a: None)
     for key in ("ppl", "ppl_ratio_routed_vs_multitask", "router_accuracy", "isolation"):

@@ -130,11 +130,46 @@ def test_segment_router_and_token_weights(tl):
         router.route("   ")
 
 
-def test_generate_segmented_switches_between_blocks(tl):
-    out = generate_segmented(tl, "def main(argv):\n    return 0\n", cfg=SegmentConfig(size=4), max_new_tokens=12)
-    assert out["routes"][0]["source"] == "prompt"
-    assert len(out["routes"]) == 1 + 12 // 4 or out["text"]  # one route per full block (unless EOS)
-    assert all(r["domain"] in tl.domains for r in out["routes"])
+def test_generate_segmented_switches_between_blocks(tl, monkeypatch):
+    """A scripted router (first domain for the prompt and the first block, last domain after): the
+    route switches after the second block, and from the next token on the new adapter is used."""
+    first, last = one_hot([0], len(tl.domains)), one_hot([len(tl.domains) - 1], len(tl.domains))
+    calls = []
+
+    def scripted_route_probs(ids, batch_size=16):
+        calls.append(ids)  # the prompt's segments in one call, then each generated block alone
+        return (first if len(calls) <= 2 else last).expand(len(ids), -1)
+
+    used, mix, model, eos = [], tl.mixer.weights, tl.model, tl.tokenizer.eos_token_id
+
+    def recording_weights(weights):
+        used.append(weights)
+        return mix(weights)
+
+    def model_without_eos(**kwargs):  # so that exactly max_new_tokens are generated
+        out = model(**kwargs)
+        out.logits[..., eos] = -float("inf")
+        return out
+
+    monkeypatch.setattr(tl, "route_probs", scripted_route_probs)
+    monkeypatch.setattr(tl.mixer, "weights", recording_weights)
+    monkeypatch.setattr(tl, "model", model_without_eos)
+    prompt = "def main(argv):\n    return 0\n"
+    out = generate_segmented(tl, prompt, cfg=SegmentConfig(size=4, smoothing=1.0), max_new_tokens=12)
+    n = len(split_spans(prompt, tl.tokenizer, SegmentConfig(size=4))[0])
+    a, b = tl.domains[0], tl.domains[-1]
+    assert out["routes"] == [
+        {"tokens": [0, n], "domain": a, "source": "prompt"},
+        {"tokens": [n, n + 4], "domain": a, "switched": False, "source": "generated"},
+        {"tokens": [n + 4, n + 8], "domain": b, "switched": True, "source": "generated"},
+        {"tokens": [n + 8, n + 12], "domain": b, "switched": False, "source": "generated"},
+    ]
+    # the router read each block of 4 generated tokens, and the blocks are the generated text
+    blocks = [c[0] for c in calls[1:]]
+    assert out["switches"] == 1 and [len(c) for c in calls[1:]] == [1, 1, 1] and [len(b) for b in blocks] == [4] * 3
+    assert tl.tokenizer.decode([t for block in blocks for t in block], skip_special_tokens=True) == out["text"]
+    assert len(used) == 12  # one forward per new token: 8 with the first adapter, then 4 with the last
+    assert all(torch.equal(w, first) for w in used[:8]) and all(torch.equal(w, last) for w in used[8:])
 
 
 def test_route_segments_cli(tiny_bundle, capsys):

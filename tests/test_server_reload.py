@@ -132,6 +132,7 @@ def _stream(url, body):
     return "".join(text), first
 
 
+@pytest.mark.slow
 def test_polling_picks_up_add_domain(bundle):
     app = serve(bundle, reload_poll_s=0.2)
     with running(app) as url:

@@ -255,12 +255,10 @@ def test_rewards_resist_degenerate_text():
     for reward in ("plain", "formal", "concise"):
         assert score(reward, "").reward == FLOOR and score(reward, "   ").degenerate == "empty"
         assert score(reward, "the court held that the motion").degenerate == "truncated"
-        assert score(reward, "the the the the the the the the the the the.").reward < score(reward, plain).reward \
-            or reward == "formal"
+        assert score(reward, "the the the the the the the the the the the.").reward < score(reward, plain).reward
         # gibberish with long "formal" words loses to real prose in every reward
         gib = "Xqzvtrplk mnbvcxzasd qwertyuiopl. Zxcvbnmlkj hgfdsapoiu ytrewqlkj."
         assert score(reward, gib).reward < max(score(reward, plain).reward, score(reward, formal).reward)
-    assert score("formal", "the the the the the the the the the the the.").reward < score("formal", plain).reward
     assert score("concise", "Yes. The judge said no to it.").reward > score("concise", formal).reward
     assert repetition_rate("a b c a b c a b c") > 0.5 and distinct_n(["a b", "a b"]) == 0.5
     assert register("Can I get my money back?") == "plain"

@@ -89,6 +89,7 @@ def test_remove_domain(grown, tmp_path):
         remove_domain(bundle, "nope")
 
 
+@pytest.mark.slow
 def test_old_bundle_without_replay_or_history(tiny_bundle, tmp_path):
     """Bundles written before replay/history existed: v1 is implied, the replay is recomputed."""
     bundle = tmp_path / "old"

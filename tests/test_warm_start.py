@@ -64,7 +64,7 @@ def test_nearest_takes_the_domain_the_router_prefers(tmp_path):
         warm_start("random", affinity, folders, tmp_path)
 
 
-@pytest.mark.parametrize("init", ["nearest", "blend"])
+@pytest.mark.parametrize("init", ["nearest", pytest.param("blend", marks=pytest.mark.slow)])
 def test_add_domain_with_a_warm_start(tiny_bundle, tmp_path, init):
     """The new adapter starts from old adapters; they stay byte-identical and the manifest says how."""
     import shutil
@@ -92,6 +92,7 @@ def test_add_domain_with_a_warm_start(tiny_bundle, tmp_path, init):
     assert read_manifest(dst)["version"] == manifest["version"]  # a bad init changes nothing
 
 
+@pytest.mark.slow
 def test_train_with_a_shared_seed_phase(tiny_llama, tiny_bundle, tmp_path, capsys):
     """`tlora train --init shared`: every adapter starts from one adapter trained on the union."""
     from support.tiny import TINY_DOMAINS, tiny_config

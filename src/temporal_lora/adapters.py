@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from temporal_lora.config import AdapterConfig, TrainConfig
+from temporal_lora.config import AdapterConfig, RunContext, TrainConfig
 from temporal_lora.conversations import pad_examples
 
 # Domain names are also PEFT adapter names and server model names; these would collide.
@@ -48,7 +48,8 @@ def train_adapter(
     cfg: TrainConfig,
     *,
     desc: str = "adapter",
-    progress: bool = True,
+    run: RunContext | None = None,
+    progress: bool | None = None,
     init_from: Path | None = None,
     conversations: list[tuple[list[int], list[int]]] | None = None,
 ) -> dict:
@@ -63,6 +64,7 @@ def train_adapter(
     through accelerate: under `accelerate launch` the same code uses every GPU/process.
     Returns a JSON-ready training summary. `init_from` (a saved adapter folder with the same
     config) starts from those weights instead of a fresh LoRA: the sequential-fine-tuning baseline.
+    `run.progress` shows a progress bar (`progress`, if given, overrides it).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -103,7 +105,8 @@ def train_adapter(
     losses: list[float] = []
     tokens = 0
     start = time.perf_counter()
-    bar = tqdm(total=cfg.steps, desc=desc, disable=not (progress and accelerator.is_main_process))
+    run = RunContext.of(run, progress=progress)
+    bar = tqdm(total=cfg.steps, desc=desc, disable=not (run.progress and accelerator.is_main_process))
     batches = _cycle(loader)
     for _ in range(cfg.steps):
         batch = next(batches)

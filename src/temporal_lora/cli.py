@@ -1,27 +1,34 @@
-"""`tlora`: a thin command line over the library. Each command parses, calls one function, prints."""
+"""`tlora`: a thin command line over the library, built from a command table.
+
+`COMMANDS` (at the bottom) names every command: its one-line help, the function that runs it and its
+arguments. A handler parses nothing itself: it calls one library function and prints. Flags that set
+a library setting take their help from that setting's attribute docstring (the string under the
+dataclass field, e.g. `SegmentConfig.smoothing`), read with `ast` when the parser is built, so the
+settings class is where an option is documented. `tlora bench` hands its arguments to the
+measurement lab (benchmarks/, beside the package in a repository checkout).
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
+import importlib.util
 import json
 import os
 import sys
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
+from typing import Any
 
-from temporal_lora.errors import TemporalLoRAError
+from temporal_lora.config import BUDGETS
+from temporal_lora.corpora import DEFAULT_DOMAINS
+from temporal_lora.errors import InputError, TemporalLoRAError
 
-DEFAULT_DOMAINS = "medical,legal,technical,code,literature"
-
-
-def _add_base(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", default=None,
-                   help="base model: HF id, local dir or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-
-
-def _add_threshold(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--abstain-threshold", type=float, default=None, metavar="P",
-                   help="override the bundle's threshold: below this confidence the base model answers")
+__all__ = ["COMMANDS", "DEFAULT_DOMAINS", "build_parser", "main"]
 
 
 def _load(args):
@@ -31,216 +38,6 @@ def _load(args):
     if getattr(args, "abstain_threshold", None) is not None:
         tl.router_config.abstain_threshold = args.abstain_threshold
     return tl
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tlora", description=(
-        "Temporal LoRA: one frozen base model, one LoRA adapter per domain, a router that picks or mixes them."))
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("fetch", help="download the default model and built-in corpora into the cache")
-    p.add_argument("--domains", default=DEFAULT_DOMAINS, help="built-in corpora to fetch (comma-separated)")
-    p.add_argument("--no-model", action="store_true", help="skip the base model")
-
-    p = sub.add_parser("corpus", help="write a built-in corpus as JSONL for --data: a domain's documents or "
-                                      "built-in conversations (django-faq)")
-    p.add_argument("name", help="a built-in domain (documents) or built-in conversations: django-faq")
-    p.add_argument("--out", required=True, type=Path, help="JSONL file to write")
-
-    p = sub.add_parser("train", help="train one adapter per domain plus the router; write a bundle")
-    p.add_argument("--domains", default=DEFAULT_DOMAINS, help="comma-separated domain names, in order")
-    p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
-    _add_base(p)
-    p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
-                   help="corpus for a domain: folder of .txt/.md files, or JSONL whose lines are documents "
-                        "({'text': ...}) and/or conversations ({'messages': [...]}, OpenAI/TRL format) (repeatable)")
-    p.add_argument("--init", default="base", choices=["base", "shared"],
-                   help="shared: first one adapter on the union of the domains (a seed phase of the same "
-                        "number of steps), then every domain's adapter starts from it (default: fresh LoRAs)")
-    p.add_argument("--budget", default="quick", choices=["quick", "full"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--router-features", default=None,
-                   help="'embeddings', 'hidden:LAYER', 'hidden:L1,L2' or 'hidden:default' (the default: layers 8+12 of SmolLM2's 30)")
-    p.add_argument("--abstain-threshold", type=float, default=None,
-                   help="calibrated confidence below which the plain base model answers (default 0: never)")
-
-    p = sub.add_parser("route", help="route texts; one JSON object per input on stdout")
-    p.add_argument("--bundle", required=True, type=Path)
-    p.add_argument("texts", nargs="*", metavar="TEXT")
-    p.add_argument("--jsonl", type=Path, help="read inputs from a JSONL file with a 'text' field")
-    _add_threshold(p)
-    p.add_argument("--segments", default=None, metavar="UNIT",
-                   help="route each text segment by segment: sentence, paragraph or tokens:K (with hysteresis)")
-    p.add_argument("--smoothing", type=float, default=None, help="segment routing: weight of the newest segment")
-    p.add_argument("--margin", type=float, default=None, help="segment routing: switching margin")
-    p.add_argument("--confirm", type=int, default=None, help="segment routing: segments a challenger must lead")
-    p.add_argument("--min-confidence", type=float, default=None,
-                   help="segment routing: a challenger counts only on segments it wins with at least this probability")
-    p.add_argument("--fallback-threshold", type=float, default=None, metavar="P",
-                   help="bundles with subdomains: sub-router confidence below which the parent adapter is used")
-
-    p = sub.add_parser("generate", help="generate with routed adapters; prints the text and its route")
-    p.add_argument("--bundle", required=True, type=Path)
-    p.add_argument("prompt", nargs="+", metavar="PROMPT")
-    p.add_argument("--mode", default="hard", choices=["hard", "soft", "topk"])
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--domain", default=None, help="force one domain's adapter ('base' for none; 'legal/plain' "
-                                                  "forces a domain and its style)")
-    p.add_argument("--style", default=None, help="answer style of the chosen domain (e.g. plain, formal; 'auto' "
-                                                 "reads the prompt's register; 'none' the domain's own adapter; "
-                                                 "default: the domain's default style)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (small models loop)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the base model's chat template")
-    p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
-    p.add_argument("--segments", default=None, metavar="tokens:K",
-                   help="re-route every K generated tokens and switch adapters there (greedy; hard or soft)")
-    _add_threshold(p)
-
-    p = sub.add_parser("eval", help="evaluate a bundle on its test documents; write the report")
-    p.add_argument("--bundle", required=True, type=Path)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--chunks", type=int, default=None, help="test chunks per domain for perplexity")
-    p.add_argument("--router-chunks", type=int, default=100, help="test chunks per domain for routing")
-
-    p = sub.add_parser("demo", help="fetch, train (quick budget), evaluate and show samples")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--budget", default="quick", choices=["quick", "full"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--domains", default=DEFAULT_DOMAINS)
-    _add_base(p)
-
-    p = sub.add_parser("add-domain", help="train one more adapter, refit the router from its replay memory; new version")
-    p.add_argument("--bundle", required=True, type=Path)
-    p.add_argument("--name", required=True, help="the new domain's name")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--data", type=Path, help="folder of .txt/.md files, or a JSONL file of documents ({'text': ...}) and/or conversations ({'messages': [...]})")
-    src.add_argument("--corpus", help="a built-in corpus (its name must equal --name)")
-    p.add_argument("--init", default="base", choices=["base", "nearest", "blend"],
-                   help="where the new adapter starts: a fresh LoRA (default), the adapter of the old domain the "
-                        "router finds closest, or the router-weighted blend of the old adapters")
-    p.add_argument("--budget", default=None, choices=["quick", "full"], help="default: the bundle's budget")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-
-    p = sub.add_parser("add-subdomain", help="train a subdomain adapter under a domain, refit its sub-router; new version")
-    p.add_argument("--bundle", required=True, type=Path)
-    p.add_argument("--parent", required=True, help="the domain the subdomain belongs to")
-    p.add_argument("--name", required=True, help="the subdomain's name (routes show parent/name)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", type=Path, help="folder of .txt/.md files, or a JSONL file of documents ({'text': ...}) and/or conversations ({'messages': [...]})")
-    src.add_argument("--corpus", help="a built-in subdomain (medical: case-reports, reviews, trials; "
-                                      "literature: comedies, tragedies, histories); must equal --name")
-    p.add_argument("--init", default="parent", choices=["parent", "base"],
-                   help="start the adapter from the parent's adapter (default) or from scratch")
-    p.add_argument("--fallback-threshold", type=float, default=None, metavar="P",
-                   help="sub-router confidence below which the parent adapter is used (default 0.6)")
-    p.add_argument("--budget", default=None, choices=["quick", "full"], help="default: the bundle's budget")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-
-    p = sub.add_parser("add-style", help="train a DPO style adapter under a domain (e.g. legal/plain); new version")
-    p.add_argument("--bundle", required=True, type=Path)
-    p.add_argument("--domain", required=True, help="the domain the style belongs to")
-    p.add_argument("--name", required=True, help="the style's name (requests use style=NAME or model DOMAIN/NAME)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preferences", type=Path, help="JSONL of {\"prompt\", \"chosen\", \"rejected\"} (TRL's format)")
-    src.add_argument("--reward", help="build pairs on-policy with a built-in reward: plain, formal or concise")
-    p.add_argument("--budget", default="quick", choices=["quick", "full"])
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--default", action="store_true", help="make it the domain's default style")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-
-    p = sub.add_parser("examples", help="route examples from the user: add/list/remove; the router is refit; new version")
-    ex = p.add_subparsers(dest="examples_command", required=True, metavar="ACTION")
-    q = ex.add_parser("add", help="add example texts for a domain and refit the router")
-    q.add_argument("--bundle", required=True, type=Path)
-    q.add_argument("--domain", required=True)
-    q.add_argument("texts", nargs="*", metavar="TEXT")
-    q.add_argument("--jsonl", type=Path, help="JSONL with a 'text' field per line (and optional 'domain')")
-    q.add_argument("--weight", type=float, default=None, help="how many replay rows one example counts as (default 20)")
-    _add_base(q)
-    q = ex.add_parser("list", help="list the bundle's examples (JSON lines)")
-    q.add_argument("--bundle", required=True, type=Path)
-    q = ex.add_parser("remove", help="remove examples by id (or all of --domain) and refit the router")
-    q.add_argument("--bundle", required=True, type=Path)
-    q.add_argument("ids", nargs="*", metavar="ID")
-    q.add_argument("--domain", default=None)
-
-    p = sub.add_parser("remove-domain", help="drop one domain's adapter and refit the router; new version")
-    p.add_argument("--bundle", required=True, type=Path)
-    p.add_argument("--name", required=True)
-
-    p = sub.add_parser("history", help="list a bundle's versions")
-    p.add_argument("--bundle", required=True, type=Path)
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("rollback", help="restore an earlier version of a bundle (recorded as a new version)")
-    p.add_argument("--bundle", required=True, type=Path)
-    p.add_argument("--to", required=True, type=int, metavar="V")
-
-    p = sub.add_parser("bench", help="measure against merging, sequential/multitask LoRA, Arrow, other routers")
-    p.add_argument("what", nargs="?", default="all", choices=["all", "scaling", "crossover", "generalisation"],
-                   help="all (default): the comparison bench; scaling: 2-16 domains vs multitask LoRA "
-                        "(scaling.json, scaling.md, plots); crossover: routed vs multitask at 8/32/128 steps per "
-                        "domain for each init (crossover.json, .md, .png; resumable, cache in --work, default "
-                        "OUT/crossover-work); generalisation: router accuracy in-source, on "
-                        "held-out sources and on questions (generalisation.json, generalisation.md)")
-    p.add_argument("--work", type=Path, default=None,
-                   help="generalisation: cached texts, features and phases (default OUT/work; resumable); "
-                        "crossover: its cache (default OUT/crossover-work)")
-    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="bench.json, bench.md, plots (and work/)")
-    p.add_argument("--bundle", type=Path, default=None, help="bundle to measure (default: train one into OUT/work)")
-    p.add_argument("--budget", default="quick", choices=["quick", "full"])
-    p.add_argument("--steps", type=int, default=None,
-                   help="scaling: training steps per domain (default: the budget's; the core quick recipe is 40)")
-    p.add_argument("--init", default=None, choices=["base", "nearest", "blend"],
-                   help="scaling: where each domain's adapter starts (default base)")
-    _add_base(p)
-
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with automatic routing and a playground page")
-    p.add_argument("--bundle", required=True, type=Path)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("TLORA_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 (default: $TLORA_API_KEY; none = open)")
-    p.add_argument("--mode", default="hard", choices=["hard", "soft", "topk"], help="routing for model 'auto'")
-    p.add_argument("--max-prompt-tokens", type=int, default=2048)
-    p.add_argument("--max-new-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
-    p.add_argument("--max-body-bytes", type=int, default=1_000_000)
-    p.add_argument("--max-concurrency", type=int, default=32, help="requests in progress before 429s")
-    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
-    p.add_argument("--engine", default="torch", choices=["torch", "llama-cpp", "auto"],
-                   help="local generation: torch (the reference), llama-cpp (pip install "
-                        "'temporal-lora[cpu-engine]'; Llama bases), auto = llama-cpp at --max-batch 1 when it can run the bundle, else torch")
-    p.add_argument("--engine-weights", default="f32", choices=["f32", "q8_0", "q4_1"],
-                   help="llama-cpp base weights: f32 = exact (ours, as GGUF); q8_0/q4_1 = faster, not exact")
-    p.add_argument("--engine-threads", type=int, default=1, help="llama-cpp CPU threads")
-    p.add_argument("--backend", default="local", choices=["local", "openai-compatible"],
-                   help="generate here, or forward to a multi-LoRA engine after routing")
-    p.add_argument("--backend-url", default=None, help="e.g. http://gpu-host:8001/v1 (vLLM, LoRAX, SGLang, tlora)")
-    p.add_argument("--backend-api-key", default=os.environ.get("TLORA_BACKEND_API_KEY"))
-    p.add_argument("--backend-base-model", default="base", help="the engine's name for the plain base model")
-    p.add_argument("--backend-lora-updates", default="vllm", choices=["vllm", "off"],
-                   help="after a reload, load new adapters into the engine with its /v1/load_lora_adapter "
-                        "(vLLM needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True), or not (off)")
-    p.add_argument("--reload-poll", type=float, default=2.0, metavar="SECONDS",
-                   help="check the bundle's manifest.json for a new version this often; 0 = only on "
-                        "POST /admin/reload (default 2)")
-    p.add_argument("--runtime-lora-updates", action="store_true",
-                   help="offer vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (to act as the engine "
-                        "of a forwarding front-end)")
-    _add_threshold(p)
-
-    p = sub.add_parser("export", help="export adapters for a multi-LoRA engine and print its serve command")
-    p.add_argument("target", choices=["vllm"])
-    p.add_argument("--bundle", required=True, type=Path)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--port", type=int, default=8001, help="port in the printed vllm command")
-    return parser
 
 
 def _domains(text: str) -> list[str]:
@@ -439,49 +236,6 @@ def cmd_examples(args) -> None:
     print(json.dumps(report))
 
 
-def cmd_bench(args) -> None:
-    if args.what == "generalisation":
-        from temporal_lora.bench.generalisation import run_generalisation
-
-        run_generalisation(args.out, work=args.work, base=args.base, budget=args.budget)
-        print((args.out / "generalisation.md").read_text(encoding="utf-8"))
-        print(f"written to {args.out}/generalisation.json and generalisation.md")
-        return
-    if args.what == "crossover":
-        from temporal_lora.bench.crossover import run_crossover
-
-        if args.bundle is not None:
-            from temporal_lora.errors import InputError
-
-            raise InputError("bench crossover trains its own adapters; --bundle is not used")
-        run_crossover(args.out, work=args.work, base=args.base, budget=args.budget)
-        print((args.out / "crossover.md").read_text(encoding="utf-8"))
-        print(f"written to {args.out}/crossover.json, crossover_detail.json, crossover.md and crossover.png")
-        return
-    if args.what == "scaling":
-        from temporal_lora.bench.scaling import run_scaling
-
-        if args.bundle is not None:
-            from temporal_lora.errors import InputError
-
-            raise InputError("bench scaling trains its own adapters; --bundle is not used")
-        from dataclasses import replace
-
-        from temporal_lora.bench.scaling import scaling_budget
-
-        budget = scaling_budget(args.budget)
-        budget = replace(budget, steps=args.steps or budget.steps, init=args.init or budget.init)
-        run_scaling(args.out, base=args.base, budget=budget)
-        print((args.out / "scaling.md").read_text(encoding="utf-8"))
-        print(f"written to {args.out}/scaling.json, scaling.md and PNG plots")
-        return
-    from temporal_lora.bench import run_bench
-
-    run_bench(args.out, bundle=args.bundle, base=args.base, budget=args.budget)
-    print((args.out / "bench.md").read_text(encoding="utf-8"))
-    print(f"written to {args.out}/bench.json, bench.md and PNG plots")
-
-
 def cmd_rollback(args) -> None:
     from temporal_lora.versions import rollback
 
@@ -525,34 +279,387 @@ def cmd_export(args) -> None:
     print(f"  {result['front']}")
 
 
-COMMANDS = {"fetch": cmd_fetch, "corpus": cmd_corpus, "train": cmd_train, "route": cmd_route, "generate": cmd_generate,
-            "eval": cmd_eval, "demo": cmd_demo, "add-domain": cmd_add_domain, "add-subdomain": cmd_add_subdomain,
-            "add-style": cmd_add_style, "examples": cmd_examples,
-            "remove-domain": cmd_remove_domain,
-            "history": cmd_history, "rollback": cmd_rollback, "bench": cmd_bench,
-            "serve": cmd_serve, "export": cmd_export}
+def cmd_bench(args) -> int:
+    # Pass the words after `bench` on as they are (a name, then that benchmark's own flags):
+    # argparse would take a flag's value for the name.
+    rest = list(args.argv)
+    if not rest or (rest[0].startswith("-") and rest[0] not in ("-h", "--help", "-l", "--list")):
+        rest = ["all", *rest]
+    return lab().main(rest, prog="tlora bench")
+
+
+def lab():
+    """The measurement lab (the `benchmarks` package of a repository checkout), imported by name so
+    that nothing in the installed package imports it; the working directory is searched too."""
+    for attempt in range(2):
+        try:
+            module = importlib.import_module("benchmarks")
+        except ModuleNotFoundError as exc:
+            if exc.name != "benchmarks":
+                raise
+        else:
+            if callable(getattr(module, "main", None)):
+                return module
+        if attempt == 0 and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+            sys.modules.pop("benchmarks", None)
+        else:
+            break
+    raise InputError("tlora bench runs from a repository checkout: the benchmarks live beside the package in "
+                     "benchmarks/; from the checkout's root run `tlora bench NAME` or `python -m benchmarks NAME`")
+
+
+# ------------------------------------------------------------------------------------------ the command table
+@dataclass(frozen=True)
+class Doc:
+    """Help text from a settings dataclass: the attribute docstring of field `name` of class `cls` in
+    `module` (read from the source, so building the parser imports no model code)."""
+
+    module: str
+    cls: str
+    name: str
+    prefix: str = ""
+
+
+@dataclass(frozen=True)
+class Env:
+    """A default read from the environment variable `name` when the parser is built."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument: its names (a positional's name, or option strings) and add_argument's keywords,
+    where `help` may be a Doc and `default` an Env."""
+
+    names: tuple[str, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """A mutually exclusive group of arguments."""
+
+    args: tuple[Arg, ...]
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command: its help, the handler that runs it (None for a sub-action, which its command's
+    handler dispatches), its arguments and its sub-actions (`dest` names the chosen one)."""
+
+    help: str
+    run: Callable[[argparse.Namespace], int | None] | None = None
+    args: tuple[Arg | OneOf, ...] = ()
+    actions: dict[str, Command] = field(default_factory=dict, hash=False)
+    dest: str = ""
+    add_help: bool = True
+
+
+def arg(*names: str, **kwargs: Any) -> Arg:
+    return Arg(names, kwargs)
+
+
+def setting(module: str, cls: str, name: str, *names: str, prefix: str = "", **kwargs: Any) -> Arg:
+    """A flag for setting `cls.name` (default flag: --NAME with dashes); its help is the field's docstring."""
+    return Arg(names or (f"--{name.replace('_', '-')}",), {**kwargs, "help": Doc(module, cls, name, prefix)})
+
+
+@cache
+def field_docs(module: str, cls: str) -> dict[str, str]:
+    """{field: attribute docstring} of dataclass `cls` in `module`: the string literal right under
+    each field, whitespace folded. Read with `ast`; the module is not imported."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise LookupError(f"no source for {module}")
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    body = next(n.body for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+    return {node.target.id: " ".join(after.value.value.split())
+            for node, after in zip(body, body[1:], strict=False)
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)}
+
+
+CONFIG, SEGMENTS = "temporal_lora.config", "temporal_lora.routing.segments"
+
+# Arguments several commands share.
+BUNDLE = arg("--bundle", required=True, type=Path)
+BASE = arg("--base", default=None,
+           help="base model: HF id, local dir or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+THRESHOLD = arg("--abstain-threshold", type=float, default=None, metavar="P",
+                help="override the bundle's threshold: below this confidence the base model answers")
+JSON_REPORT = arg("--json", action="store_true", help="print the report as JSON")
+DATA_FILE = ("folder of .txt/.md files, or a JSONL file of documents ({'text': ...}) and/or conversations "
+             "({'messages': [...]})")
+
+
+def budget(default: str | None, help: str | Doc = Doc(CONFIG, "TrainConfig", "budget")) -> Arg:
+    return arg("--budget", default=default, choices=list(BUDGETS), help=help)
+
+
+def seed(default: int | None, help: str | Doc = Doc(CONFIG, "TrainConfig", "seed")) -> Arg:
+    return arg("--seed", type=int, default=default, help=help)
+
+
+BUNDLE_BUDGET = "default: the bundle's budget"
+BUNDLE_SEED = "default: the bundle's seed"
+
+COMMANDS: dict[str, Command] = {
+    "fetch": Command("download the default model and built-in corpora into the cache", cmd_fetch, (
+        arg("--domains", default=DEFAULT_DOMAINS, help="built-in corpora to fetch (comma-separated)"),
+        arg("--no-model", action="store_true", help="skip the base model"),
+    )),
+    "corpus": Command("write a built-in corpus as JSONL for --data: a domain's documents or built-in "
+                      "conversations (django-faq)", cmd_corpus, (
+        arg("name", help="a built-in domain (documents) or built-in conversations: django-faq"),
+        arg("--out", required=True, type=Path, help="JSONL file to write"),
+    )),
+    "train": Command("train one adapter per domain plus the router; write a bundle", cmd_train, (
+        arg("--domains", default=DEFAULT_DOMAINS, help="comma-separated domain names, in order"),
+        arg("--out", required=True, type=Path, help="bundle directory to write"),
+        BASE,
+        arg("--data", action="append", default=[], metavar="NAME=PATH",
+            help="corpus for a domain: folder of .txt/.md files, or JSONL whose lines are documents "
+                 "({'text': ...}) and/or conversations ({'messages': [...]}, OpenAI/TRL format) (repeatable)"),
+        arg("--init", default="base", choices=["base", "shared"],
+            help="shared: first one adapter on the union of the domains (a seed phase of the same number of "
+                 "steps), then every domain's adapter starts from it (default: fresh LoRAs)"),
+        budget("quick"),
+        seed(0),
+        setting(CONFIG, "RouterConfig", "features", "--router-features", default=None),
+        setting(CONFIG, "RouterConfig", "abstain_threshold", type=float, default=None),
+    )),
+    "route": Command("route texts; one JSON object per input on stdout", cmd_route, (
+        BUNDLE,
+        arg("texts", nargs="*", metavar="TEXT"),
+        arg("--jsonl", type=Path, help="read inputs from a JSONL file with a 'text' field"),
+        THRESHOLD,
+        arg("--segments", default=None, metavar="UNIT",
+            help="route each text segment by segment: sentence, paragraph or tokens:K (with hysteresis)"),
+        setting(SEGMENTS, "SegmentConfig", "smoothing", type=float, default=None, prefix="segment routing: "),
+        setting(SEGMENTS, "SegmentConfig", "margin", type=float, default=None, prefix="segment routing: "),
+        setting(SEGMENTS, "SegmentConfig", "confirm", type=int, default=None, prefix="segment routing: "),
+        setting(SEGMENTS, "SegmentConfig", "min_confidence", type=float, default=None, prefix="segment routing: "),
+        arg("--fallback-threshold", type=float, default=None, metavar="P",
+            help="bundles with subdomains: sub-router confidence below which the parent adapter is used"),
+    )),
+    "generate": Command("generate with routed adapters; prints the text and its route", cmd_generate, (
+        BUNDLE,
+        arg("prompt", nargs="+", metavar="PROMPT"),
+        arg("--mode", default="hard", choices=["hard", "soft", "topk"]),
+        arg("--top-k", type=int, default=2),
+        arg("--domain", default=None,
+            help="force one domain's adapter ('base' for none; 'legal/plain' forces a domain and its style)"),
+        arg("--style", default=None,
+            help="answer style of the chosen domain (e.g. plain, formal; 'auto' reads the prompt's register; "
+                 "'none' the domain's own adapter; default: the domain's default style)"),
+        arg("--max-new-tokens", type=int, default=64),
+        arg("--sample", action="store_true", help="sample instead of greedy decoding"),
+        arg("--temperature", type=float, default=0.8),
+        arg("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (small models loop)"),
+        seed(0, help="sampling seed"),
+        arg("--chat", action="store_true", help="wrap each prompt in the base model's chat template"),
+        arg("--json", action="store_true", help="print JSON lines instead of text"),
+        arg("--segments", default=None, metavar="tokens:K",
+            help="re-route every K generated tokens and switch adapters there (greedy; hard or soft)"),
+        THRESHOLD,
+    )),
+    "eval": Command("evaluate a bundle on its test documents; write the report", cmd_eval, (
+        BUNDLE,
+        arg("--out", required=True, type=Path),
+        arg("--chunks", type=int, default=None, help="test chunks per domain for perplexity"),
+        arg("--router-chunks", type=int, default=100, help="test chunks per domain for routing"),
+    )),
+    "demo": Command("fetch, train (quick budget), evaluate and show samples", cmd_demo, (
+        arg("--out", type=Path, default=Path("runs/demo")),
+        budget("quick"),
+        seed(0),
+        arg("--domains", default=DEFAULT_DOMAINS),
+        BASE,
+    )),
+    "add-domain": Command("train one more adapter, refit the router from its replay memory; new version",
+                          cmd_add_domain, (
+        BUNDLE,
+        arg("--name", required=True, help="the new domain's name"),
+        OneOf((arg("--data", type=Path, help=DATA_FILE),
+               arg("--corpus", help="a built-in corpus (its name must equal --name)"))),
+        arg("--init", default="base", choices=["base", "nearest", "blend"],
+            help="where the new adapter starts: a fresh LoRA (default), the adapter of the old domain the router "
+                 "finds closest, or the router-weighted blend of the old adapters"),
+        budget(None, BUNDLE_BUDGET),
+        seed(None, BUNDLE_SEED),
+        JSON_REPORT,
+    )),
+    "add-subdomain": Command("train a subdomain adapter under a domain, refit its sub-router; new version",
+                             cmd_add_subdomain, (
+        BUNDLE,
+        arg("--parent", required=True, help="the domain the subdomain belongs to"),
+        arg("--name", required=True, help="the subdomain's name (routes show parent/name)"),
+        OneOf((arg("--data", type=Path, help=DATA_FILE),
+               arg("--corpus", help="a built-in subdomain (medical: case-reports, reviews, trials; "
+                                    "literature: comedies, tragedies, histories); must equal --name")),
+              required=True),
+        arg("--init", default="parent", choices=["parent", "base"],
+            help="start the adapter from the parent's adapter (default) or from scratch"),
+        arg("--fallback-threshold", type=float, default=None, metavar="P",
+            help="sub-router confidence below which the parent adapter is used (default 0.6)"),
+        budget(None, BUNDLE_BUDGET),
+        seed(None, BUNDLE_SEED),
+        JSON_REPORT,
+    )),
+    "add-style": Command("train a DPO style adapter under a domain (e.g. legal/plain); new version", cmd_add_style, (
+        BUNDLE,
+        arg("--domain", required=True, help="the domain the style belongs to"),
+        arg("--name", required=True, help="the style's name (requests use style=NAME or model DOMAIN/NAME)"),
+        OneOf((arg("--preferences", type=Path, help="JSONL of {\"prompt\", \"chosen\", \"rejected\"} (TRL's format)"),
+               arg("--reward", help="build pairs on-policy with a built-in reward: plain, formal or concise")),
+              required=True),
+        budget("quick"),
+        seed(None, BUNDLE_SEED),
+        arg("--default", action="store_true", help="make it the domain's default style"),
+        JSON_REPORT,
+    )),
+    "examples": Command("route examples from the user: add/list/remove; the router is refit; new version",
+                        cmd_examples, dest="examples_command", actions={
+        "add": Command("add example texts for a domain and refit the router", args=(
+            BUNDLE,
+            arg("--domain", required=True),
+            arg("texts", nargs="*", metavar="TEXT"),
+            arg("--jsonl", type=Path, help="JSONL with a 'text' field per line (and optional 'domain')"),
+            arg("--weight", type=float, default=None, help="how many replay rows one example counts as (default 20)"),
+            BASE,
+        )),
+        "list": Command("list the bundle's examples (JSON lines)", args=(BUNDLE,)),
+        "remove": Command("remove examples by id (or all of --domain) and refit the router", args=(
+            BUNDLE,
+            arg("ids", nargs="*", metavar="ID"),
+            arg("--domain", default=None),
+        )),
+    }),
+    "remove-domain": Command("drop one domain's adapter and refit the router; new version", cmd_remove_domain, (
+        BUNDLE,
+        arg("--name", required=True),
+    )),
+    "history": Command("list a bundle's versions", cmd_history, (
+        BUNDLE,
+        arg("--json", action="store_true"),
+    )),
+    "rollback": Command("restore an earlier version of a bundle (recorded as a new version)", cmd_rollback, (
+        BUNDLE,
+        arg("--to", required=True, type=int, metavar="V"),
+    )),
+    "bench": Command("measure against merging, sequential/multitask LoRA, Arrow, other routers (from a checkout; "
+                     "`tlora bench --help` lists the benchmarks, `tlora bench NAME --help` their flags)", cmd_bench, (
+        arg("name", nargs="?", default="all", metavar="NAME", help="a benchmark (default all: the comparison bench)"),
+        arg("flags", nargs=argparse.REMAINDER, metavar="FLAGS", help="the benchmark's own flags"),
+    ), add_help=False),
+    "serve": Command("OpenAI-compatible HTTP server with automatic routing and a playground page", cmd_serve, (
+        BUNDLE,
+        arg("--host", default="127.0.0.1", help="address to bind (default loopback only)"),
+        arg("--port", type=int, default=8000),
+        arg("--api-key", default=Env("TLORA_API_KEY"),
+            help="require 'Authorization: Bearer KEY' on /v1 (default: $TLORA_API_KEY; none = open)"),
+        arg("--mode", default="hard", choices=["hard", "soft", "topk"], help="routing for model 'auto'"),
+        arg("--max-prompt-tokens", type=int, default=2048),
+        arg("--max-new-tokens", type=int, default=512, help="largest max_tokens a request may ask for"),
+        arg("--max-body-bytes", type=int, default=1_000_000),
+        arg("--max-concurrency", type=int, default=32, help="requests in progress before 429s"),
+        arg("--max-batch", type=int, default=8, help="sequences decoded together"),
+        arg("--engine", default="torch", choices=["torch", "llama-cpp", "auto"],
+            help="local generation: torch (the reference), llama-cpp (pip install 'temporal-lora[cpu-engine]'; "
+                 "Llama bases), auto = llama-cpp at --max-batch 1 when it can run the bundle, else torch"),
+        arg("--engine-weights", default="f32", choices=["f32", "q8_0", "q4_1"],
+            help="llama-cpp base weights: f32 = exact (ours, as GGUF); q8_0/q4_1 = faster, not exact"),
+        arg("--engine-threads", type=int, default=1, help="llama-cpp CPU threads"),
+        arg("--backend", default="local", choices=["local", "openai-compatible"],
+            help="generate here, or forward to a multi-LoRA engine after routing"),
+        arg("--backend-url", default=None, help="e.g. http://gpu-host:8001/v1 (vLLM, LoRAX, SGLang, tlora)"),
+        arg("--backend-api-key", default=Env("TLORA_BACKEND_API_KEY"),
+            help="the engine's API key (default: $TLORA_BACKEND_API_KEY)"),
+        arg("--backend-base-model", default="base", help="the engine's name for the plain base model"),
+        arg("--backend-lora-updates", default="vllm", choices=["vllm", "off"],
+            help="after a reload, load new adapters into the engine with its /v1/load_lora_adapter "
+                 "(vLLM needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True), or not (off)"),
+        arg("--reload-poll", type=float, default=2.0, metavar="SECONDS",
+            help="check the bundle's manifest.json for a new version this often; 0 = only on "
+                 "POST /admin/reload (default 2)"),
+        arg("--runtime-lora-updates", action="store_true",
+            help="offer vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (to act as the engine "
+                 "of a forwarding front-end)"),
+        THRESHOLD,
+    )),
+    "export": Command("export adapters for a multi-LoRA engine and print its serve command", cmd_export, (
+        arg("target", choices=["vllm"]),
+        BUNDLE,
+        arg("--out", required=True, type=Path),
+        arg("--port", type=int, default=8001, help="port in the printed vllm command"),
+    )),
+}
+
+
+def _resolve(kwargs: dict[str, Any]) -> dict[str, Any]:
+    out = dict(kwargs)
+    if isinstance(out.get("help"), Doc):
+        doc = out["help"]
+        out["help"] = doc.prefix + field_docs(doc.module, doc.cls)[doc.name]
+    if isinstance(out.get("default"), Env):
+        out["default"] = os.environ.get(out["default"].name)
+    return out
+
+
+def _add_command(parser: argparse.ArgumentParser, command: Command) -> None:
+    for item in command.args:
+        if isinstance(item, OneOf):
+            group = parser.add_mutually_exclusive_group(required=item.required)
+            for a in item.args:
+                group.add_argument(*a.names, **_resolve(a.kwargs))
+        else:
+            parser.add_argument(*item.names, **_resolve(item.kwargs))
+    if command.actions:
+        sub = parser.add_subparsers(dest=command.dest, required=True, metavar="ACTION")
+        for name, action in command.actions.items():
+            _add_command(sub.add_parser(name, help=action.help, add_help=action.add_help), action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `tlora` parser: one subcommand per entry of COMMANDS."""
+    parser = argparse.ArgumentParser(prog="tlora", description=(
+        "Temporal LoRA: one frozen base model, one LoRA adapter per domain, a router that picks or mixes them."))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        _add_command(sub.add_parser(name, help=command.help, add_help=command.add_help), command)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.argv = argv[1:]  # the command is always the first word: tlora has no options of its own
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     # Quieter library logs; our own progress bars and messages say what is happening.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # A deprecation notice that PEFT/accelerate trigger inside transformers on every training run.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
-        if args.command != "fetch":  # fetch prints its own progress; elsewhere the load bar is noise
+        if args.command not in ("fetch", "bench"):  # fetch prints its own progress; elsewhere the load bar is noise
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command].run(args)
     except TemporalLoRAError as exc:
         print(f"tlora: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tlora: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,17 @@
-"""Configuration dataclasses. Everything a run depends on is here and lands in the bundle manifest."""
+"""Configuration dataclasses. Everything a run depends on is here and lands in the bundle manifest.
+
+Each setting's documentation is the string literal under its field (an attribute docstring); the
+command line's `--help` shows it (cli.py reads them with `ast`). Budgets are named
+presets (`PRESETS`: a factory per name, taking the seed); `settings_for` is the one rule for a
+recipe that takes a whole `config=` beside `budget=`/`seed=`. How a run reports (progress bars, log
+lines) is not a setting: it travels separately as a `RunContext`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Protocol, TypeVar
 
 from temporal_lora.errors import InputError
 
@@ -15,35 +24,45 @@ class AdapterConfig:
     """LoRA hyper-parameters for one domain adapter (mapped 1:1 onto a PEFT LoraConfig)."""
 
     r: int = 8
+    """LoRA rank"""
     alpha: int = 16
+    """LoRA scaling numerator (the update is scaled by alpha / r)"""
     dropout: float = 0.05
-    # None lets PEFT pick the architecture's defaults (q_proj/v_proj for Llama, c_attn for GPT-2).
+    """dropout on the LoRA input while training"""
     target_modules: list[str] | None = None
+    """modules that get LoRA layers; None lets PEFT pick the architecture's defaults (q_proj/v_proj
+    for Llama, c_attn for GPT-2)"""
 
 
 @dataclass
 class RouterConfig:
     """The gating network and where its features come from."""
 
-    # "embeddings" (mean-pooled input embeddings, the method's sketch), "hidden:L" (mean-pooled
-    # output of decoder layer L; L=-1 picks the default routing layer, 12 of SmolLM2's 30),
-    # "hidden:L1,L2" (several layers side by side) or "hidden:default" (layers 8+12 of SmolLM2's 30,
-    # routing.features.default_layers). Hidden states generalise far better than embeddings to text
+    features: str = "hidden:default"
+    """'embeddings', 'hidden:LAYER', 'hidden:L1,L2' or 'hidden:default' (the default: layers 8+12 of
+    SmolLM2's 30)"""
+    # "embeddings" is the method's sketch (mean-pooled input embeddings); "hidden:L" mean-pools the
+    # output of decoder layer L (L=-1: the default routing layer, 12 of SmolLM2's 30); "hidden:default"
+    # is routing.features.default_layers. Hidden states generalise far better than embeddings to text
     # from other sources (DESIGN.md); layers 8+12 routed unseen sources, questions and in-source text
     # best at 1.4x layer 8's cost (benchmarks/results/routing/generalisation.md).
-    features: str = "hidden:default"
-    hidden_dim: int = 128  # 0 means plain logistic regression
-    max_tokens: int = 128  # the router reads at most this many leading tokens
+    hidden_dim: int = 128
+    """hidden units of the gating network; 0 means plain logistic regression"""
+    max_tokens: int = 128
+    """the router reads at most this many leading tokens"""
     train_lengths: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
+    """prompt lengths (tokens) the router trains on"""
     epochs: int = 300
     lr: float = 3e-3
     weight_decay: float = 1e-3
-    abstain_threshold: float = 0.0  # calibrated confidence below this -> plain base model
-    # Wider router text (issue 14): windows of each built-in domain's other training sources
-    # (corpora/sources.py) and short views of the training documents (headings, first sentences,
-    # single lines, signatures, the documents' own questions; corpora/views.py), per domain.
+    abstain_threshold: float = 0.0
+    """calibrated confidence below which the plain base model answers (default 0: never)"""
     extra_sources: bool = True
-    short_texts: int = 200  # short training texts per domain (0: windows only, as before)
+    """also train on windows of each built-in domain's other training sources (issue 14;
+    corpora/sources.py)"""
+    short_texts: int = 200
+    """short training texts per domain: headings, first sentences, single lines, signatures, the
+    documents' own questions (corpora/views.py); 0: windows only, as before"""
 
 
 @dataclass
@@ -51,15 +70,22 @@ class TrainConfig:
     """Budget for training adapters and the router, and for evaluation."""
 
     budget: str = "quick"
+    """training budget: a named preset (quick fits the demo's 30 minutes on a 2-core CPU)"""
     block_size: int = 128
+    """tokens per training window"""
     batch_size: int = 4
     steps: int = 40
+    """optimiser steps per adapter"""
     lr: float = 2e-3
     warmup_steps: int = 4
-    router_chunks: int = 150  # per domain, from training documents
-    calib_chunks: int = 30  # per domain, from validation documents (temperature scaling)
-    eval_chunks: int = 48  # per domain, from test documents (perplexity)
+    router_chunks: int = 150
+    """router training windows per domain, from training documents"""
+    calib_chunks: int = 30
+    """calibration windows per domain, from validation documents (temperature scaling)"""
+    eval_chunks: int = 48
+    """perplexity windows per domain, from test documents"""
     seed: int = 0
+    """random seed: the same seed gives the same splits, adapters and router"""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
 
@@ -87,24 +113,88 @@ def router_prefix_lengths(router: RouterConfig, block_size: int) -> list[int]:
     return [n for n in router.train_lengths if n <= block_size]
 
 
-BUDGETS = ("quick", "full")
+# ------------------------------------------------------------------------------------------ presets
+def quick_config(seed: int = 0) -> TrainConfig:
+    """`--budget quick`: fits the demo's 30 minutes on a 2-core CPU."""
+    return TrainConfig(budget="quick", seed=seed)
+
+
+def full_config(seed: int = 0) -> TrainConfig:
+    """`--budget full`: 15x the steps, twice the LoRA rank, more router and evaluation text."""
+    return TrainConfig(budget="full", seed=seed, batch_size=8, steps=600, lr=5e-4, warmup_steps=30,
+                       router_chunks=400, calib_chunks=100, eval_chunks=100, adapter=AdapterConfig(r=16, alpha=32))
+
+
+PRESETS: dict[str, Callable[[int], TrainConfig]] = {"quick": quick_config, "full": full_config}
+BUDGETS = tuple(PRESETS)
+
+
+class Budgeted(Protocol):
+    """A settings dataclass made from a named preset: it records the preset's name and the seed."""
+
+    budget: str
+    seed: int
+
+
+S = TypeVar("S", bound=Budgeted)
+
+
+def from_preset(presets: Mapping[str, Callable[[int], S]], budget: str, seed: int) -> S:
+    """The settings of preset `budget` with `seed`; a clear InputError for an unknown name."""
+    if budget not in presets:
+        raise InputError(f"unknown budget {budget!r}; choose from {', '.join(presets)}")
+    return presets[budget](seed)
 
 
 def budget_config(budget: str = "quick", seed: int = 0) -> TrainConfig:
-    """The preset for `--budget quick|full`. `quick` fits the demo's 30 minutes on a 2-core CPU."""
-    if budget == "quick":
-        return TrainConfig(budget=budget, seed=seed)
-    if budget == "full":
-        return TrainConfig(
-            budget=budget,
-            seed=seed,
-            batch_size=8,
-            steps=600,
-            lr=5e-4,
-            warmup_steps=30,
-            router_chunks=400,
-            calib_chunks=100,
-            eval_chunks=100,
-            adapter=AdapterConfig(r=16, alpha=32),
-        )
-    raise InputError(f"unknown budget {budget!r}; choose from {', '.join(BUDGETS)}")
+    """The training settings for `--budget NAME` (a name of `PRESETS`) and `--seed`."""
+    return from_preset(PRESETS, budget, seed)
+
+
+def settings_for(config: S | None, budget: str | None, seed: int | None,
+                 presets: Mapping[str, Callable[[int], S]], *, default_budget: str = "quick",
+                 default_seed: int = 0) -> S:
+    """The settings a recipe runs with, given its `config=`, `budget=` and `seed=` arguments.
+
+    Without a config: preset `budget` (default `default_budget`) with `seed` (default `default_seed`).
+    A config is a complete set of settings, so it is used as it is; a `budget` or `seed` passed with
+    it must agree with the config's own (`config.budget`, `config.seed`), otherwise InputError: a
+    conflicting argument is never silently dropped. (To change the seed of a config, pass
+    `dataclasses.replace(config, seed=...)`.)
+    """
+    if config is None:
+        return from_preset(presets, budget or default_budget, default_seed if seed is None else seed)
+    clashes = [f"{name}={value!r}" for name, value in (("budget", budget), ("seed", seed))
+               if value is not None and value != getattr(config, name)]
+    if clashes:
+        raise InputError(f"{' and '.join(clashes)} conflicts with the config given (budget={config.budget!r}, "
+                         f"seed={config.seed!r}); pass either a config or budget/seed, or replace() the config's")
+    return config
+
+
+# ------------------------------------------------------------------------------------------ how a run reports
+@dataclass(frozen=True)
+class RunContext:
+    """How a long-running recipe reports: progress bars on or off, and where its log lines go.
+
+    Passed as `run=` to the recipes (train_bundle, add_domain, add_subdomain, add_style,
+    remove_domain, evaluate_bundle, train_adapter); `QUIET` shows nothing."""
+
+    progress: bool = True
+    log: Callable[[str], object] = print
+
+    @classmethod
+    def of(cls, run: RunContext | None, *, progress: bool | None = None,
+           log: Callable[[str], object] | None = None) -> RunContext:
+        """`run` (default: bars on, log to stdout) with the recipes' older `progress=`/`log=`
+        keywords applied over it where they are given."""
+        run = run or cls()
+        given = {k: v for k, v in (("progress", progress), ("log", log)) if v is not None}
+        return replace(run, **given) if given else run
+
+
+def _silent(*_args) -> None:
+    return None
+
+
+QUIET = RunContext(progress=False, log=_silent)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from temporal_lora.backbone import default_model_dir
 from temporal_lora.cache import atomic_write_text
+from temporal_lora.config import RunContext
 from temporal_lora.corpora import BUILTIN_DOMAINS, fetch_builtin
 from temporal_lora.evaluate import evaluate_bundle, held_out_chunks, write_report
 from temporal_lora.train import train_bundle
@@ -32,7 +33,8 @@ def run_demo(out: Path, *, domains: list[str], budget: str = "quick", seed: int 
 
     console.rule(f"[bold]2/4 train: one LoRA adapter per domain, then the router ({budget} budget)")
     t0 = time.perf_counter()
-    tl = train_bundle(domains, out / "bundle", base=base, budget=budget, seed=seed, log=console.print)
+    tl = train_bundle(domains, out / "bundle", base=base, budget=budget, seed=seed,
+                      run=RunContext(log=console.print))
     timing["train"] = time.perf_counter() - t0
 
     console.rule("[bold]3/4 evaluate on held-out test documents")

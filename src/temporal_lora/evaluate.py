@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from temporal_lora.cache import atomic_write_text
-from temporal_lora.config import EVAL_LENGTHS
+from temporal_lora.config import EVAL_LENGTHS, RunContext
 from temporal_lora.conversations import (
     Conversation,
     assistant_nll,
@@ -173,7 +173,7 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
     return ece
 
 
-def perplexities(tl: TemporalLoRA, sets: dict[str, torch.Tensor], progress: bool = True) -> dict:
+def perplexities(tl: TemporalLoRA, sets: dict[str, torch.Tensor], run: RunContext | None = None) -> dict:
     """Test perplexity per domain for base, oracle (true adapter), routed (hard) and soft.
 
     The router reads each whole chunk (its first `max_tokens` tokens) and that route is scored.
@@ -182,7 +182,7 @@ def perplexities(tl: TemporalLoRA, sets: dict[str, torch.Tensor], progress: bool
 
     result = {s: {} for s in STRATEGIES}
     k = len(tl.domains)
-    bar = tqdm(total=len(sets) * 3, desc="perplexity", disable=not progress)
+    bar = tqdm(total=len(sets) * 3, desc="perplexity", disable=not (run or RunContext()).progress)
     for label, domain in enumerate(tl.domains):
         if domain not in sets:
             continue
@@ -210,8 +210,10 @@ def perplexities(tl: TemporalLoRA, sets: dict[str, torch.Tensor], progress: bool
 
 
 def evaluate_bundle(tl: TemporalLoRA, out_dir: str | Path | None = None, *, ppl_chunks: int | None = None,
-                    router_chunks: int = 100, seed: int = 0, progress: bool = True) -> dict:
-    """Run the evaluation; write report.json, report.md and plots to `out_dir` if given."""
+                    router_chunks: int = 100, seed: int = 0, run: RunContext | None = None,
+                    progress: bool | None = None) -> dict:
+    """Run the evaluation; write report.json, report.md and plots to `out_dir` if given.
+    `run.progress` shows a progress bar (`progress`, if given, overrides it)."""
     timing: dict[str, float] = {}
     cfg = tl.info.get("train_config") or {}
     ppl_chunks = ppl_chunks or cfg.get("eval_chunks", 24)
@@ -226,7 +228,7 @@ def evaluate_bundle(tl: TemporalLoRA, out_dir: str | Path | None = None, *, ppl_
     router = router_metrics(tl, router_sets) if router_sets else None
     timing["router_eval"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ppl = perplexities(tl, ppl_sets, progress=progress)
+    ppl = perplexities(tl, ppl_sets, run=RunContext.of(run, progress=progress))
     timing["perplexity_eval"] = time.perf_counter() - t0
     docs = list(ppl_sets)
     report = {

@@ -42,6 +42,7 @@ from temporal_lora.routing.gating import GatingNetwork
 from temporal_lora.routing.hierarchy import Hierarchy, adapter_name, route_name
 from temporal_lora.routing.replay import text_features
 from temporal_lora.routing.styles import Styles
+from temporal_lora.sampling import eos_ids
 from temporal_lora.storage import (
     ROUTER_DIR,
     SPLITS_FILE,
@@ -367,11 +368,21 @@ class TemporalLoRA:
     def generate_ids(self, ids: list[list[int]], weights: torch.Tensor, max_new_tokens: int, *,
                      do_sample: bool = False, temperature: float = 1.0, seed: int = 0,
                      repetition_penalty: float = 1.0) -> list[str]:
-        """transformers' `generate` on token ids with fixed adapter weights per row; the new text."""
+        """transformers' `generate` on token ids with fixed adapter weights per row; the new text.
+
+        Generation stops on the shared end-of-sequence set (sampling.eos_ids), as the server does.
+        """
+        # This stays on transformers' `generate` rather than sampling.py's step: a seeded library
+        # sample draws the whole batch from torch's global stream under the base model's
+        # generation_config defaults (top-k/top-p), and generate's repetition penalty also counts the
+        # batch's left padding; moving would change what existing seeds and batches produce.
         input_ids, mask = pad_batch(ids, self.tokenizer.pad_token_id, left=True)
         torch.manual_seed(seed)
         # remove_invalid_values: extreme but valid settings (a penalty of 1e-300) overflow to inf.
         kwargs = {"do_sample": do_sample, "repetition_penalty": repetition_penalty, "remove_invalid_values": True}
+        stop_ids = eos_ids(self.tokenizer, self.model)
+        if stop_ids:
+            kwargs["eos_token_id"] = sorted(stop_ids)
         if do_sample:
             kwargs["temperature"] = temperature
         else:  # silence generation_config's sampling defaults in greedy mode

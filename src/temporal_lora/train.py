@@ -6,6 +6,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,7 +16,13 @@ import torch
 from temporal_lora.adapters import RESERVED_NAMES, distributed_state, train_adapter
 from temporal_lora.backbone import context_length, decoder_layers, fingerprint, load_backbone
 from temporal_lora.bundle import MANIFEST
-from temporal_lora.config import TrainConfig, budget_config, router_prefix_lengths
+from temporal_lora.config import (
+    PRESETS,
+    RunContext,
+    TrainConfig,
+    router_prefix_lengths,
+    settings_for,
+)
 from temporal_lora.conversations import (
     MAX_TOKENS,
     ConversationSplits,
@@ -137,11 +144,14 @@ class RouterText:
     turns_calib: list[list[int]] | None = None
 
 
-def router_text(dd: DomainData, tokenizer, cfg: TrainConfig, builtin: bool, log=print) -> RouterText:
+def router_text(dd: DomainData, tokenizer, cfg: TrainConfig, builtin: bool, run: RunContext | None = None,
+                log: Callable[[str], object] | None = None) -> RouterText:
     """The router's training text of one domain: windows of the training documents (as before), plus,
     for a built-in domain, windows of its other training sources (corpora/sources.py: half as many
     again, shared among them), plus short views and the documents' own questions (`short_texts`);
-    and the user turns of its conversations, which is what the router reads at serving time."""
+    and the user turns of its conversations, which is what the router reads at serving time.
+    A source that cannot be read is skipped with a line to `run.log` (`log`, if given, overrides it)."""
+    run = RunContext.of(run, log=log)
     turns = turns_calib = None
     if dd.conversations is not None:
         turns = user_turn_ids(tokenizer, dd.conversations.train, cfg.router.max_tokens)
@@ -162,7 +172,7 @@ def router_text(dd: DomainData, tokenizer, cfg: TrainConfig, builtin: bool, log=
             docs = dedupe(load_source(src.name))
             sp = split_documents(docs, seed=cfg.seed)
         except (CorpusError, FetchError) as exc:  # e.g. no apt-get here: the router trains without it
-            log(f"router source {src.name!r} of {dd.name!r} skipped: {exc}")
+            run.log(f"router source {src.name!r} of {dd.name!r} skipped: {exc}")
             sources[src.name] = {"skipped": str(exc)}
             continue
         n, m = max(1, cfg.router_chunks // (2 * len(extras))), max(1, cfg.calib_chunks // (2 * len(extras)))
@@ -288,20 +298,26 @@ def train_bundle(
     *,
     base: str | None = None,
     data: dict[str, Path] | None = None,
-    budget: str = "quick",
-    seed: int = 0,
+    budget: str | None = None,
+    seed: int | None = None,
     router_features: str | None = None,
     abstain_threshold: float | None = None,
     config: TrainConfig | None = None,
     init: str = "base",
-    progress: bool = True,
-    log=print,
+    run: RunContext | None = None,
+    progress: bool | None = None,
+    log: Callable[[str], object] | None = None,
 ) -> TemporalLoRA:
     """Train one adapter per domain on the frozen base, then the router; save the bundle to `out`.
 
     `init="shared"` first trains one adapter for `steps` steps on the union of the domains' training
     chunks (Branch-Train-Merge's seed phase) and starts every domain's adapter from it; `"base"`
     starts each from a fresh LoRA. The manifest records each adapter's init.
+
+    Settings: `config`, or preset `budget` (default quick, config.PRESETS) with `seed` (default 0); a
+    budget or seed that disagrees with a given config is an InputError (config.settings_for), never
+    silently dropped. `router_features` and `abstain_threshold` are applied over either. `run` says
+    how to report (progress bars, log lines); `progress`/`log`, if given, override its fields.
     """
     if init not in TRAIN_INITS:
         raise InputError(f"unknown init {init!r}; choose from {', '.join(TRAIN_INITS)}")
@@ -312,7 +328,8 @@ def train_bundle(
         if name not in domains:
             raise InputError(f"--data names domain {name!r} which is not in --domains")
     check_output_dir(out)
-    cfg = config or budget_config(budget, seed)
+    cfg = settings_for(config, budget, seed, PRESETS)
+    run = RunContext.of(run, progress=progress, log=log)
     overrides = {k: v for k, v in (("features", router_features), ("abstain_threshold", abstain_threshold))
                  if v is not None and v != ""}
     if overrides:  # a copy: the caller's config stays as it was
@@ -344,7 +361,7 @@ def train_bundle(
             t0 = time.perf_counter()
             train_chunks[name], train_convs[name] = training_rows(dd, tokenizer, cfg, conversation_tokens(
                 model, tokenizer), f"{name} train split")
-            rt = router_text(dd, tokenizer, cfg, builtin=name not in data, log=log)
+            rt = router_text(dd, tokenizer, cfg, builtin=name not in data, run=run)
             router_data[name] = (rt.train, rt.calib)
             router_short[name] = (rt.short, rt.short_calib)
             router_turns[name] = (rt.turns, rt.turns_calib)
@@ -357,25 +374,25 @@ def train_bundle(
             union = round_robin([c for c in train_chunks.values() if c], n_union)
             union, union_convs = mix_rows(union, round_robin([c for c in train_convs.values() if c], n_union),
                                           n_union, cfg.seed)
-            log(f"shared seed phase: one adapter on the union of {len(domains)} domains ({cfg.steps} steps)")
+            run.log(f"shared seed phase: one adapter on the union of {len(domains)} domains ({cfg.steps} steps)")
             t0 = time.perf_counter()
             seed_dir = work / ".shared-seed"  # '.' starts no domain name
-            train_adapter(model, union, seed_dir, cfg, desc="shared", progress=progress, conversations=union_convs)
+            train_adapter(model, union, seed_dir, cfg, desc="shared", run=run, conversations=union_convs)
             timing["adapter_shared_seed"] = time.perf_counter() - t0
             seed_info = {"init": "shared", "shared_steps": cfg.steps}
         for i, (name, dd) in enumerate(datasets.items()):
             convs = f" and {len(train_convs[name])} conversations" if train_convs[name] else ""
-            log(f"[{i + 1}/{len(datasets)}] training adapter '{name}' on {len(train_chunks[name])} chunks "
+            run.log(f"[{i + 1}/{len(datasets)}] training adapter '{name}' on {len(train_chunks[name])} chunks "
                 f"of {cfg.block_size} tokens{convs} ({cfg.steps} steps)")
             t0 = time.perf_counter()
             summary = train_adapter(model, train_chunks[name], work / name, cfg, desc=name,
-                                    progress=progress, init_from=seed_dir, conversations=train_convs[name])
+                                    run=run, init_from=seed_dir, conversations=train_convs[name])
             timing[f"adapter_{name}"] = time.perf_counter() - t0
             training[name] = summary | {"source": dd.source, "seed": cfg.seed} | seed_info
         if fingerprint(model) != base_fp:  # adapters must never touch the base
             raise RuntimeError("base model weights changed during adapter training")
 
-        log(f"training router on '{spec}' features")
+        run.log(f"training router on '{spec}' features")
         t0 = time.perf_counter()
         replay: dict = {}
         router, router_summary = train_router(model, tokenizer, spec, router_data, cfg, replay=replay,

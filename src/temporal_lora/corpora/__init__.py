@@ -1,10 +1,18 @@
-"""Domain corpora: five built-in ones read from package archives, plus the user's own text."""
+"""Domain corpora: the built-in sources (one table, corpora/sources.py), plus the user's own text."""
 
-from temporal_lora.corpora.registry import (
+from temporal_lora.corpora.document import Document
+from temporal_lora.corpora.sources import (
     BUILTIN_DOMAINS,
-    Document,
+    DEFAULT_DOMAINS,
+    PRIMARY,
+    SOURCES,
+    Source,
     fetch_builtin,
     load_builtin,
+    load_source,
+    sources_of,
+)
+from temporal_lora.corpora.user import (
     load_domain,
     load_user_corpus,
     parse_data_spec,
@@ -15,13 +23,19 @@ from temporal_lora.corpora.registry import (
 
 __all__ = [
     "BUILTIN_DOMAINS",
+    "DEFAULT_DOMAINS",
+    "PRIMARY",
+    "SOURCES",
     "Document",
+    "Source",
     "fetch_builtin",
     "load_builtin",
     "load_domain",
+    "load_source",
     "load_user_corpus",
     "parse_data_spec",
     "read_jsonl_texts",
     "source_of",
     "source_paths",
+    "sources_of",
 ]

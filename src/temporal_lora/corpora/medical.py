@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from temporal_lora.corpora.document import Document, progress_bar
 from temporal_lora.corpora.medline import REQUIREMENT, all_articles
-from temporal_lora.corpora.registry import Document, progress_bar
 
 __all__ = ["MIN_WORDS", "REQUIREMENT", "extract"]
 

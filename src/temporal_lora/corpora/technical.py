@@ -7,7 +7,7 @@ import tarfile
 from pathlib import PurePosixPath
 
 from temporal_lora.cache import fetch_package
-from temporal_lora.corpora.registry import Document, progress_bar
+from temporal_lora.corpora.document import Document, progress_bar
 
 REQUIREMENT = "Django==5.2.19"
 # Release notes are 380 near-identical pages; the newest feature releases carry the real prose.

@@ -17,7 +17,7 @@ import torch
 from temporal_lora.adapters import train_adapter
 from temporal_lora.backbone import fingerprint, load_backbone
 from temporal_lora.bundle import read_manifest
-from temporal_lora.config import BUDGETS, RouterConfig, TrainConfig, budget_config
+from temporal_lora.config import PRESETS, RouterConfig, RunContext, TrainConfig, settings_for
 from temporal_lora.errors import BaseModelMismatchError, BundleError
 from temporal_lora.train import DomainData, conversation_tokens, training_rows
 
@@ -30,12 +30,13 @@ def bundle_train_config(manifest: dict) -> TrainConfig:
 def derive_config(manifest: dict, *, budget: str | None, seed: int | None, config: TrainConfig | None,
                   keep_adapter_shape: bool = False) -> TrainConfig:
     """Settings for one more adapter: the given config, or the budget's preset (default: the
-    bundle's own budget and seed). The block size is always the bundle's (its replay memory was
+    bundle's own budget and seed). A budget or seed that disagrees with a given config is an
+    InputError (config.settings_for). The block size is always the bundle's (its replay memory was
     computed on blocks of that size); `keep_adapter_shape` also keeps the bundle's LoRA shape (an
     adapter that starts from an existing one needs it). The caller's config is never modified."""
     own = bundle_train_config(manifest)
-    budget = budget or (own.budget if own.budget in BUDGETS else "quick")
-    cfg = config or budget_config(budget, own.seed if seed is None else seed)
+    cfg = settings_for(config, budget, seed, PRESETS, default_budget=own.budget if own.budget in PRESETS else "quick",
+                       default_seed=own.seed)
     changes: dict = {"block_size": own.block_size}
     if keep_adapter_shape:
         changes["adapter"] = own.adapter
@@ -85,13 +86,13 @@ class Addition:
             return training_rows(dd, self.tokenizer, self.cfg, conversation_tokens(self.model, self.tokenizer),
                                  f"{label} train split")
 
-    def train(self, train_chunks: torch.Tensor | list, out_dir: Path, label: str, *, progress: bool,
+    def train(self, train_chunks: torch.Tensor | list, out_dir: Path, label: str, *, run: RunContext,
               init_from: Path | None = None, conversations: list | None = None) -> dict:
         """Train the new adapter into `out_dir`; the base model must come out bit-identical."""
         chunks = train_chunks.tolist() if isinstance(train_chunks, torch.Tensor) else train_chunks
         with self.timed("adapter"):
             summary = train_adapter(self.model, chunks, out_dir, self.cfg, desc=label,
-                                    progress=progress, init_from=init_from, conversations=conversations)
+                                    run=run, init_from=init_from, conversations=conversations)
         if fingerprint(self.model) != self.manifest["base_model"]["fingerprint"]:
             raise RuntimeError("base model weights changed during adapter training")
         return summary

@@ -14,11 +14,12 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from temporal_lora.bundle import read_manifest, safe_path
-from temporal_lora.config import RouterConfig, TrainConfig, router_prefix_lengths
+from temporal_lora.config import RouterConfig, RunContext, TrainConfig, router_prefix_lengths
 from temporal_lora.corpora import source_paths
 from temporal_lora.errors import BundleError, CorpusError, InputError
 from temporal_lora.evolve.common import (
@@ -56,15 +57,20 @@ from temporal_lora.versions import commit, copy_files
 
 def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None, corpus: str | None = None,
                budget: str | None = None, seed: int | None = None, config: TrainConfig | None = None,
-               base: str | None = None, init: str = "base", progress: bool = True, log=print) -> dict:
+               base: str | None = None, init: str = "base", run: RunContext | None = None,
+               progress: bool | None = None, log: Callable[[str], object] | None = None) -> dict:
     """Train an adapter for `name` (from `data` or the built-in `corpus`), refit the router, save a new version.
 
     `init` is where the new adapter starts (evolve/warm_start.py): `base` (a fresh LoRA), `nearest`
     (the adapter of the old domain the router finds closest to the new text) or `blend` (the
     router-weighted average of the old adapters); the manifest records it. Returns a report: timing (adapter vs router), the router's accuracy on the old domains'
     stored validation features before and after, and the new version number.
+
+    Settings: `config`, or preset `budget` with `seed` (default: the bundle's own); a budget or seed
+    that disagrees with a given config is an InputError (config.settings_for). `run` says how to report (progress bars, log lines); `progress`/`log`, if given, override its fields.
     """
     check_init(init)
+    run = RunContext.of(run, progress=progress, log=log)
     # Starting from an existing adapter needs its LoRA shape.
     add = Addition(bundle, budget=budget, seed=seed, config=config, keep_adapter_shape=init != "base")
     bundle, manifest, cfg = add.bundle, add.manifest, add.cfg
@@ -84,15 +90,15 @@ def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None,
     with add.timed("load_replay"):
         replay, lengths, rebuilt = _replay(bundle, manifest, add.model, add.tokenizer, bundle_train_config(manifest))
     if rebuilt:
-        log(f"bundle has no router replay memory: recomputed it from the old domains' corpora "
-            f"({add.timing['load_replay']:.0f} s)")
+        run.log(f"bundle has no router replay memory: recomputed it from the old domains' corpora "
+                f"({add.timing['load_replay']:.0f} s)")
     train_chunks, train_convs = add.rows(dd, name)
     # Short texts and other sources only when every old domain has them too: a router that saw short
     # texts of one domain alone would send every short input there.
     wide = all("short" in replay[d] for d in old_domains)
     rcfg = add.cfg if wide else replace(add.cfg, router=replace(add.cfg.router, extra_sources=False, short_texts=0))
     with add.timed("chunk"):
-        rt = router_text(dd, add.tokenizer, rcfg, builtin=data is None, log=log)
+        rt = router_text(dd, add.tokenizer, rcfg, builtin=data is None, run=run)
 
     # The new adapter is trained in the system temp dir, so a killed run leaves nothing beside the bundle.
     work = Path(tempfile.mkdtemp(prefix=f"tlora-add-{name}-"))
@@ -108,12 +114,12 @@ def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None,
         folders = {d: safe_path(bundle, manifest["adapters"][d]["path"]) for d in old_domains}
         init_from, init_info = warm_start(init, affinity, folders, work)
         convs = f" and {len(train_convs)} conversations" if train_convs else ""
-        log(f"training adapter '{name}' on {len(train_chunks)} chunks of {cfg.block_size} tokens{convs} ({cfg.steps} steps, "
-            f"init {init}{' from ' + init_info['init_from'] if 'init_from' in init_info else ''})")
-        summary = add.train(train_chunks, work / name, name, progress=progress, init_from=init_from,
+        run.log(f"training adapter '{name}' on {len(train_chunks)} chunks of {cfg.block_size} tokens{convs} ({cfg.steps} steps, "
+                f"init {init}{' from ' + init_info['init_from'] if 'init_from' in init_info else ''})")
+        summary = add.train(train_chunks, work / name, name, run=run, init_from=init_from,
                             conversations=train_convs)
 
-        log("refitting the router on the replay memory plus the new domain")
+        run.log("refitting the router on the replay memory plus the new domain")
         domains = [*old_domains, name]
         with add.timed("router_fit"):
             ex_items, ex_feats, ex_weight = _examples(bundle, manifest, domains)
@@ -159,8 +165,11 @@ def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None,
     }
 
 
-def remove_domain(bundle: str | Path, name: str, *, base: str | None = None, log=print) -> dict:
-    """Drop `name`'s adapter and refit the router on the remaining domains' replay memory."""
+def remove_domain(bundle: str | Path, name: str, *, base: str | None = None, run: RunContext | None = None,
+                  log: Callable[[str], object] | None = None) -> dict:
+    """Drop `name`'s adapter and refit the router on the remaining domains' replay memory.
+    Its one log line (a replay memory rebuilt) goes to `run.log` (`log`, if given, overrides it)."""
+    run = RunContext.of(run, log=log)
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     old_domains = list(manifest["domains"])
@@ -173,7 +182,7 @@ def remove_domain(bundle: str | Path, name: str, *, base: str | None = None, log
     own = bundle_train_config(manifest)
     replay, lengths, rebuilt = _replay(bundle, manifest, None, None, own, base=base)
     if rebuilt:
-        log("bundle has no router replay memory: recomputed it from the domains' corpora")
+        run.log("bundle has no router replay memory: recomputed it from the domains' corpora")
     router_cfg = RouterConfig(**manifest["router"]["config"])
     ex_items, ex_feats, ex_weight = _examples(bundle, manifest, domains)
     router, router_summary = fit_router({d: replay[d] for d in domains}, router_cfg, seed=own.seed,

@@ -23,6 +23,7 @@ import math
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import torch
 from temporal_lora.adapters import save_peft_adapters
 from temporal_lora.backbone import fingerprint
 from temporal_lora.bundle import safe_path
+from temporal_lora.config import RunContext, from_preset, settings_for
 from temporal_lora.corpora import load_domain, source_paths
 from temporal_lora.data import chunk_documents
 from temporal_lora.errors import BundleError, CorpusError, InputError
@@ -38,6 +40,7 @@ from temporal_lora.evolve.common import Addition, check_kept, place_adapter
 from temporal_lora.rewards import REWARDS, complete_sentences, score, words
 from temporal_lora.routing.hierarchy import route_name
 from temporal_lora.routing.styles import AUTO, NONE
+from temporal_lora.sampling import eos_ids, sample_batch
 from temporal_lora.storage import read_splits, read_styles, style_folder
 from temporal_lora.text import pad_batch, read_jsonl, tokenize
 from temporal_lora.train import validate_domains
@@ -71,18 +74,22 @@ class StyleConfig:
         return asdict(self)
 
 
-STYLE_BUDGETS = {
-    "quick": StyleConfig(),
-    "full": StyleConfig(budget="full", prompts=200, samples=6, max_new_tokens=64, steps=300, lr=2e-4),
-}
+def quick_style_config(seed: int = 0) -> StyleConfig:
+    """`--budget quick` for a style adapter."""
+    return StyleConfig(budget="quick", seed=seed)
 
 
-def style_config(budget: str | None, seed: int | None) -> StyleConfig:
-    budget = budget or "quick"
-    if budget not in STYLE_BUDGETS:
-        raise InputError(f"unknown budget {budget!r}; choose from {', '.join(STYLE_BUDGETS)}")
-    cfg = STYLE_BUDGETS[budget]
-    return replace(cfg, seed=cfg.seed if seed is None else seed)
+def full_style_config(seed: int = 0) -> StyleConfig:
+    """`--budget full` for a style adapter: more prompts and samples, longer answers, 300 DPO steps."""
+    return StyleConfig(budget="full", seed=seed, prompts=200, samples=6, max_new_tokens=64, steps=300, lr=2e-4)
+
+
+STYLE_PRESETS: dict[str, Callable[[int], StyleConfig]] = {"quick": quick_style_config, "full": full_style_config}
+
+
+def style_config(budget: str | None = None, seed: int | None = None) -> StyleConfig:
+    """The style settings of preset `budget` (default quick) with `seed` (default 0)."""
+    return from_preset(STYLE_PRESETS, budget or "quick", 0 if seed is None else seed)
 
 
 # ------------------------------------------------------------------------------------------ preferences
@@ -156,14 +163,15 @@ def sample_completions(model, tokenizer, prompts: list[str], *, k: int, max_new_
     from tqdm.auto import tqdm
 
     out: list[list[str]] = []
-    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # one stream for all batches
+    stop_ids = eos_ids(tokenizer, model)
     for start in tqdm(range(0, len(prompts), batch), desc="sampling", disable=not progress):
         ids = [tokenize(tokenizer, p, "prompt") for p in prompts[start : start + batch]]
         input_ids, mask = pad_batch(ids, tokenizer.pad_token_id, left=True)
-        gen = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=temperature,
-                             top_p=top_p, top_k=None, max_new_tokens=max_new_tokens, num_return_sequences=k,
-                             pad_token_id=tokenizer.pad_token_id)
-        new = gen[:, input_ids.shape[1]:]
+        # each prompt k times in a row: row i * k + j is prompt i's j-th sample
+        new = sample_batch(model, input_ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0),
+                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                           stop_ids=stop_ids, pad_id=tokenizer.pad_token_id, generator=generator)
         texts = [tokenizer.decode(row, skip_special_tokens=True) for row in new]
         out += [texts[i * k : (i + 1) * k] for i in range(len(ids))]
     return out
@@ -263,7 +271,7 @@ def implicit_margins(peft_model, tokenizer, pairs: list[dict], policy: str, refe
 
 
 def on_policy_pairs(add: Addition, domain: str, parent_dir: Path, state: dict | None, reward: str,
-                    cfg: StyleConfig, r: int, progress: bool, log) -> tuple[list[dict], dict]:
+                    cfg: StyleConfig, r: int, run: RunContext) -> tuple[list[dict], dict]:
     """Round r's pairs: fresh prompts from the domain's training documents, K answers each sampled
     from the parent adapter (round 0) or from the policy that round r-1 trained (`state`), best vs
     worst under `reward`."""
@@ -280,11 +288,11 @@ def on_policy_pairs(add: Addition, domain: str, parent_dir: Path, state: dict | 
         if state is not None:
             set_peft_model_state_dict(sampler, state)
         sampler.eval()
-        log(f"sampling {cfg.samples} answers to each of {len(prompts)} prompts from "
+        run.log(f"sampling {cfg.samples} answers to each of {len(prompts)} prompts from "
             f"{'the parent' if state is None else f'the round-{r} policy'} of '{domain}'")
         completions = sample_completions(sampler, tokenizer, prompts, k=cfg.samples,
                                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                         top_p=cfg.top_p, seed=cfg.seed + r, progress=progress)
+                                         top_p=cfg.top_p, seed=cfg.seed + r, progress=run.progress)
         sampler.unload()
     with add.timed("scoring"):
         pairs, info = build_pairs(prompts, completions, reward, cfg.min_gap)
@@ -314,18 +322,24 @@ def check_style_name(manifest: dict, bundle: Path, domain: str, name: str) -> No
 def add_style(bundle: str | Path, domain: str, name: str, *, preferences: str | Path | None = None,
               reward: str | None = None, budget: str | None = None, seed: int | None = None,
               config: StyleConfig | None = None, make_default: bool = False, base: str | None = None,
-              progress: bool = True, log=print) -> dict:
+              run: RunContext | None = None, progress: bool | None = None,
+              log: Callable[[str], object] | None = None) -> dict:
     """Train the style adapter `domain/name` with DPO and save it as a new bundle version.
 
     Exactly one of `preferences` (a JSONL of {"prompt", "chosen", "rejected"}) or `reward` (a
     built-in reward: plain, formal, concise) gives the pairs. `make_default` makes it the style
     the domain answers in when a request names none. Every other file is carried over byte for byte.
+
+    Settings: `config`, or preset `budget` (default quick) with `seed` (default: the bundle's); a
+    budget or seed that disagrees with a given config is an InputError (config.settings_for).
+    `run` says how to report (progress bars, log lines); `progress`/`log` override its fields.
     """
     from peft import PeftModel, get_peft_model_state_dict
 
     add = Addition(bundle, budget=None, seed=seed, config=None)
     bundle, manifest = add.bundle, add.manifest
-    cfg = config or style_config(budget, seed if seed is not None else add.cfg.seed)
+    cfg = settings_for(config, budget, seed, STYLE_PRESETS, default_seed=add.cfg.seed)
+    run = RunContext.of(run, progress=progress, log=log)
     check_style_name(manifest, bundle, domain, name)
     if (preferences is None) == (reward is None):
         raise InputError("give exactly one of --preferences or --reward")
@@ -351,16 +365,16 @@ def add_style(bundle: str | Path, domain: str, name: str, *, preferences: str | 
         state, pairs_made, summaries = None, [], []
         for r, (pairs, steps) in enumerate(rounds):
             if pairs is None:
-                pairs, pair_info = on_policy_pairs(add, domain, parent_dir, state, reward, cfg, r, progress, log)
+                pairs, pair_info = on_policy_pairs(add, domain, parent_dir, state, reward, cfg, r, run)
                 source_info["rounds"].append(pair_info)
                 source_info["pairs"] += len(pairs)
                 pairs_made += pairs
             with add.timed("dpo"):
                 policy = PeftModel.from_pretrained(add.model, str(parent_dir), is_trainable=True)
-                log(f"training style '{label}' with DPO on {len(pairs)} pairs ({steps} steps"
+                run.log(f"training style '{label}' with DPO on {len(pairs)} pairs ({steps} steps"
                     f"{f', round {r + 1} of {len(rounds)}' if len(rounds) > 1 else ''}; reference: the '{domain}' adapter)")
                 summaries.append(train_dpo(policy, tokenizer, pairs, replace(cfg, steps=steps), work,
-                                           progress=progress, policy_state=state))
+                                           progress=run.progress, policy_state=state))
                 state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(policy).items()}
                 if r == len(rounds) - 1:
                     save_peft_adapters(policy, work / name, selected_adapters=["default"])

@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from temporal_lora.bundle import safe_path
-from temporal_lora.config import TrainConfig, router_prefix_lengths
+from temporal_lora.config import RunContext, TrainConfig, router_prefix_lengths
 from temporal_lora.conversations import load_user_texts, split_conversations
 from temporal_lora.corpora import source_of
 from temporal_lora.corpora.subdomains import load_builtin_subdomain
@@ -41,13 +42,19 @@ INITS = ("parent", "base")
 def add_subdomain(bundle: str | Path, parent: str, name: str, *, data: str | Path | None = None,
                   corpus: str | None = None, budget: str | None = None, seed: int | None = None,
                   config: TrainConfig | None = None, init: str = "parent", fallback_threshold: float | None = None,
-                  base: str | None = None, progress: bool = True, log=print) -> dict:
+                  base: str | None = None, run: RunContext | None = None, progress: bool | None = None,
+                  log: Callable[[str], object] | None = None) -> dict:
     """Train an adapter for `parent/name`, refit the parent's sub-router, save a new bundle version.
 
     `init="parent"` starts the child's LoRA from the parent's adapter (it specialises it);
     `init="base"` trains it from scratch like a domain adapter. Every existing file of the bundle
     except the parent's sub-router is carried over byte for byte.
+
+    Settings: `config`, or preset `budget` with `seed` (default: the bundle's own); a budget or seed
+    that disagrees with a given config is an InputError (config.settings_for). `run` says how to
+    report (progress bars, log lines); `progress`/`log`, if given, override its fields.
     """
+    run = RunContext.of(run, progress=progress, log=log)
     if init not in INITS:
         raise InputError(f"init must be 'parent' or 'base', got {init!r}")
     add = Addition(bundle, budget=budget, seed=seed, config=config, keep_adapter_shape=init == "parent")
@@ -97,9 +104,9 @@ def add_subdomain(bundle: str | Path, parent: str, name: str, *, data: str | Pat
     work = Path(tempfile.mkdtemp(prefix=f"tlora-sub-{parent}-{name}-"))
     try:
         init_from = safe_path(bundle, manifest["adapters"][parent]["path"]) if init == "parent" else None
-        log(f"training adapter '{label}' on {len(train_chunks)} chunks of {cfg.block_size} tokens "
-            f"({cfg.steps} steps, from the {'parent adapter' if init_from else 'base model'})")
-        summary = add.train(train_chunks, work / name, label, progress=progress, init_from=init_from,
+        run.log(f"training adapter '{label}' on {len(train_chunks)} chunks of {cfg.block_size} tokens "
+                f"({cfg.steps} steps, from the {'parent adapter' if init_from else 'base model'})")
+        summary = add.train(train_chunks, work / name, label, run=run, init_from=init_from,
                             conversations=train_convs)
 
         with add.timed("router"):
@@ -114,7 +121,7 @@ def add_subdomain(bundle: str | Path, parent: str, name: str, *, data: str | Pat
                 router_summary["calibration_accuracy_by_child"] = replay_accuracy(
                     router, {c: replay[c] for c in children}, {c: i for i, c in enumerate(children)})
             else:
-                log(f"'{parent}' has one subdomain: its texts keep the parent adapter until a second one is added")
+                run.log(f"'{parent}' has one subdomain: its texts keep the parent adapter until a second one is added")
 
         sub_splits = dict(old.splits.get(parent, {}))
         sub_splits[name] = {"source": source, "aligned_with_parent": aligned,

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from temporal_lora.errors import InputError
+from temporal_lora.sampling import Sampling, TokenSampler, eos_ids
 from temporal_lora.text import encode_text
 
 UNITS = ("sentence", "paragraph", "tokens")
@@ -37,14 +38,22 @@ _PARAGRAPH_END = re.compile(r"\n\s*\n")
 class SegmentConfig:
     """How a text is cut and how much the decision is smoothed."""
 
-    unit: str = "tokens"  # "sentence", "paragraph" or "tokens" (windows of `size` tokens)
-    size: int = 32  # tokens per segment for unit="tokens"
-    min_tokens: int = 8  # shorter sentences/paragraphs are merged into the next one
-    context: int = 0  # preceding tokens the router reads along with each segment
-    smoothing: float = 0.6  # weight of the newest segment in the moving average (1 = none)
-    margin: float = 0.2  # a challenger must beat the active domain's smoothed probability by this
-    confirm: int = 1  # ... for this many consecutive segments before the adapter switches
-    min_confidence: float = 0.0  # ... on segments whose raw probability for it is at least this
+    unit: str = "tokens"
+    """'sentence', 'paragraph' or 'tokens' (windows of `size` tokens)"""
+    size: int = 32
+    """tokens per segment for unit='tokens'"""
+    min_tokens: int = 8
+    """shorter sentences/paragraphs are merged into the next one"""
+    context: int = 0
+    """preceding tokens the router reads along with each segment"""
+    smoothing: float = 0.6
+    """weight of the newest segment in the moving average (1 = none)"""
+    margin: float = 0.2
+    """switching margin: a challenger must beat the active domain's smoothed probability by this"""
+    confirm: int = 1
+    """segments a challenger must lead (consecutively) before the adapter switches"""
+    min_confidence: float = 0.0
+    """a challenger counts only on segments it wins with at least this probability"""
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
@@ -243,21 +252,17 @@ def generate_segmented(tl, prompt: str, *, cfg: SegmentConfig | None = None, max
         return w
 
     routes = [{"tokens": [0, len(ids)], "domain": tl.domains[state.active], "source": "prompt"}]
-    past, step_input, new = None, torch.tensor([ids]), []
-    eos = tl.tokenizer.eos_token_id
+    past, step_input = None, torch.tensor([ids])
+    sample = TokenSampler(Sampling(temperature=0, repetition_penalty=repetition_penalty), ids)
+    new = sample.tokens  # the sampler records each picked token here
+    eos = eos_ids(tl.tokenizer, tl.model)
     current = weights()
     for _ in range(max_new_tokens):
         with tl.mixer.weights(current):
             out = tl.model(input_ids=step_input, past_key_values=past, use_cache=True)
         past = out.past_key_values
-        logits = out.logits[0, -1].float()
-        if repetition_penalty != 1.0 and (ids or new):
-            seen = torch.tensor(sorted(set(ids + new)))
-            vals = logits[seen]
-            logits[seen] = torch.where(vals > 0, vals / repetition_penalty, vals * repetition_penalty)
-        token = int(logits.argmax())
-        new.append(token)
-        if token == eos:
+        token = sample(out.logits[0, -1].float())
+        if token in eos:
             break
         step_input = torch.tensor([[token]])
         if len(new) % cfg.size == 0:  # a full block: let the router read it and maybe switch

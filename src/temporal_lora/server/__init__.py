@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from temporal_lora.model import TemporalLoRA
-from temporal_lora.server.app import ServerSettings, create_app
+from temporal_lora.server.app import create_app
+from temporal_lora.server.settings import ServerSettings
 
 __all__ = ["ServerSettings", "create_app", "serve"]
 

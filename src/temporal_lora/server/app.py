@@ -2,7 +2,8 @@
 
 Generation runs in the batching `Engine` (local) or is forwarded to an OpenAI-compatible multi-LoRA
 engine (`Backend`) after our router decided. Every response says how it was routed: a `routing`
-object in the body and an `X-Route` header. This module wires HTTP to `Service`.
+object in the body and an `X-Route` header. This module wires HTTP to `Service`: routes, status
+codes (each named error of server/errors.py maps to one) and response types live here.
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from temporal_lora.errors import TemporalLoRAError
 from temporal_lora.meta import __version__
 from temporal_lora.model import TemporalLoRA
+from temporal_lora.server.answers import Answer, Stream
+from temporal_lora.server.errors import (
+    RequestError,
+    ServerBusyError,
+    UnknownNameError,
+    VersionClosedError,
+)
 from temporal_lora.server.forward import BackendError
+from temporal_lora.server.live import ReloadError
 from temporal_lora.server.schemas import (
     ChatRequest,
     CompletionRequest,
@@ -30,8 +39,9 @@ from temporal_lora.server.schemas import (
     RouteRequest,
     UnloadAdapterRequest,
 )
-from temporal_lora.server.service import ServerSettings, Service
-from temporal_lora.server.transport import APIError, BodyGuard
+from temporal_lora.server.service import Service
+from temporal_lora.server.settings import ServerSettings
+from temporal_lora.server.transport import APIError, BodyGuard, EventStream
 
 __all__ = ["APIError", "ServerSettings", "create_app"]
 
@@ -79,6 +89,23 @@ def create_app(tl: TemporalLoRA, settings: ServerSettings | None = None, *, bund
     async def _http(_request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return APIError(exc.status_code, str(exc.detail), type=kind).response()
+
+    @app.exception_handler(RequestError)
+    async def _refused(_request, exc: RequestError):
+        return APIError(400, exc.message, param=exc.param, code=exc.code).response()
+
+    @app.exception_handler(UnknownNameError)
+    async def _unknown(_request, exc: UnknownNameError):
+        return APIError(404, exc.message, param=exc.param, code=exc.code).response()
+
+    @app.exception_handler(ServerBusyError)
+    async def _busy(_request, exc: ServerBusyError):
+        return APIError(429, str(exc), type="rate_limit_error", code="concurrency_limit",
+                        headers={"Retry-After": "1"}).response()
+
+    @app.exception_handler(VersionClosedError)
+    async def _closed(_request, exc: VersionClosedError):
+        return APIError(503, str(exc), type="server_error", headers={"Retry-After": "0"}).response()
 
     @app.exception_handler(BackendError)
     async def _backend(_request, exc: BackendError):
@@ -132,7 +159,10 @@ def create_app(tl: TemporalLoRA, settings: ServerSettings | None = None, *, bund
 
     @app.post("/admin/reload", dependencies=[Depends(authorize)])
     async def reload(force: bool = False) -> dict:
-        return await service.reload(force=force)
+        try:
+            return await service.reload(force=force)
+        except ReloadError as exc:
+            raise APIError(409, str(exc), type="reload_refused", code="reload_refused") from exc
 
     if settings.runtime_lora_updates:  # vLLM's runtime adapter endpoints (its VLLM_ALLOW_RUNTIME_LORA_UPDATING)
         @app.post("/v1/load_lora_adapter", dependencies=[Depends(authorize)])
@@ -144,15 +174,23 @@ def create_app(tl: TemporalLoRA, settings: ServerSettings | None = None, *, bund
             return PlainTextResponse(await service.unload_adapter(req.lora_name))
 
     @app.post("/v1/route", dependencies=[Depends(authorize)])
-    async def route(req: RouteRequest) -> JSONResponse:
-        return await service.route([req.input] if isinstance(req.input, str) else list(req.input), req.segments)
+    async def route(req: RouteRequest) -> Response:
+        return respond(await service.route([req.input] if isinstance(req.input, str) else list(req.input),
+                                           req.segments))
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(req: CompletionRequest):
-        return await service.completions(req)
+    async def completions(req: CompletionRequest) -> Response:
+        return respond(await service.completions(req))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat_completions(req: ChatRequest):
-        return await service.chat_completions(req)
+    async def chat_completions(req: ChatRequest) -> Response:
+        return respond(await service.chat_completions(req))
 
     return app
+
+
+def respond(answer: Answer | Stream) -> Response:
+    """A whole answer as JSON, a streamed one as server-sent events."""
+    if isinstance(answer, Stream):
+        return EventStream(answer.events, on_close=answer.close, headers=answer.headers)
+    return JSONResponse(answer.body, headers=answer.headers)

@@ -19,21 +19,10 @@ import torch
 from temporal_lora.model import RouteDecision, TemporalLoRA
 from temporal_lora.routing.decisions import plan_routes, route_texts
 from temporal_lora.routing.segments import SegmentConfig
+from temporal_lora.sampling import Sampling, TokenSampler, eos_ids
 from temporal_lora.text import pad_batch
 
-
-@dataclass
-class Sampling:
-    """Per-request decoding settings (OpenAI names). temperature 0 means greedy."""
-
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    stop: list[str] = field(default_factory=list)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+__all__ = ["Decoder", "Engine", "Job", "Route", "Sampling"]  # Sampling lives in sampling.py
 
 
 @dataclass
@@ -68,7 +57,7 @@ class Engine:
         self.on_batch = on_batch  # told the batch size at every decoding step (metrics)
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_s
-        self.eos_ids = eos_ids(tl)
+        self.eos_ids = eos_ids(tl.tokenizer, tl.model)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()  # the model (and its mixer state) serves one caller at a time
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
@@ -247,33 +236,16 @@ class _Batch:
                       torch.cat([self.logits, other.logits]))
 
 
-def eos_ids(tl: TemporalLoRA) -> set[int]:
-    ids = set()
-    for source in (tl.tokenizer.eos_token_id, getattr(tl.model.generation_config, "eos_token_id", None)):
-        if isinstance(source, int):
-            ids.add(source)
-        elif source:
-            ids.update(source)
-    return ids
-
-
-def _finite(logits: torch.Tensor) -> torch.Tensor:
-    big = torch.finfo(logits.dtype).max
-    return torch.nan_to_num(logits, nan=-big, posinf=big, neginf=-big)
-
-
 class Decoder:
-    """Sampling, incremental detokenisation and stop handling for one sequence of a batch."""
+    """Sampling (sampling.py), incremental detokenisation and stop handling for one sequence of a batch."""
 
     def __init__(self, job: Job, tokenizer, eos_ids: set[int]):
         self.job = job
         self.s = job.sampling
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
-        self.generator = torch.Generator().manual_seed(self.s.seed)
-        self.prompt = torch.tensor(job.prompt_ids, dtype=torch.long)
-        self.tokens: list[int] = []
-        self.counts: dict[int, int] = {}
+        self.sample = TokenSampler(self.s, job.prompt_ids)
+        self.tokens = self.sample.tokens  # the sampler records each picked token here
         self.sent = 0  # characters of the decoded text already emitted
         self.finished = False
         # Hold back as many characters as a stop string could already have started.
@@ -286,9 +258,7 @@ class Decoder:
         if self.job.cancelled.is_set():
             self._finish("cancelled")
             return 0
-        token = self._sample(logits)
-        self.tokens.append(token)
-        self.counts[token] = self.counts.get(token, 0) + 1
+        token = self.sample(logits)
         if token in self.eos_ids:
             self.tokens.pop()
             self._flush(final=True)
@@ -299,28 +269,6 @@ class Decoder:
             self._flush(final=True)
             self._finish("length")
         return token
-
-    def _sample(self, logits: torch.Tensor) -> int:
-        s = self.s
-        if s.repetition_penalty != 1.0:
-            seen = torch.cat([self.prompt, torch.tensor(self.tokens, dtype=torch.long)]).unique()
-            picked = logits[seen]
-            logits[seen] = torch.where(picked > 0, picked / s.repetition_penalty, picked * s.repetition_penalty)
-        if self.counts and (s.presence_penalty or s.frequency_penalty):
-            ids = torch.tensor(list(self.counts), dtype=torch.long)
-            counts = torch.tensor(list(self.counts.values()), dtype=logits.dtype)
-            logits[ids] -= s.presence_penalty + s.frequency_penalty * counts
-        if s.temperature <= 0:
-            return int(_finite(logits).argmax())
-        # Extreme but valid settings (a penalty of 1e-300, a temperature of 1e-30) overflow to inf;
-        # clamped to the largest finite float they still pick the most likely tokens.
-        probs = torch.softmax(_finite(logits / s.temperature), dim=-1)
-        if s.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            keep = sorted_p.cumsum(0) - sorted_p < s.top_p
-            keep[0] = True  # the most likely token, even for a top_p below float32's smallest number
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        return int(torch.multinomial(probs, 1, generator=self.generator))
 
     def _flush(self, final: bool) -> bool:
         """Emit newly decoded text; True if a stop string was reached (text is cut before it)."""

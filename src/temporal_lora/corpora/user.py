@@ -1,0 +1,174 @@
+"""The user's own corpora (a folder or a JSONL file), and which corpus a domain reads: the user's
+when a path was given for it, else the built-in one (corpora/sources.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from temporal_lora.corpora.document import Document
+from temporal_lora.corpora.sources import BUILTIN_DOMAINS, load_builtin
+from temporal_lora.errors import CorpusError
+
+USER_SUFFIXES = (".txt", ".md")
+_DOMAIN_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+
+
+# --- user corpora -----------------------------------------------------------------------------
+
+
+def load_user_corpus(path: str | Path) -> list[Document]:
+    """Documents from a folder (every .txt/.md file below it, one document each, grouped by
+    relative path) or a .jsonl file (a string `text` per line, optional `id` and `group`; lines
+    that are conversations, `{"messages": [...]}`, are skipped here: conversations.py reads them)."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise CorpusError(f"corpus path {root} does not exist")
+    if root.is_dir():
+        return _load_folder(root)
+    if root.suffix.lower() == ".jsonl":
+        return _load_jsonl(root)
+    raise CorpusError(f"corpus path {root} must be a folder of .txt/.md files or a .jsonl file")
+
+
+def _load_folder(root: Path) -> list[Document]:
+    files = sorted(_text_files(root))
+    if not files:
+        raise CorpusError(f"no .txt or .md files under {root}")
+    docs = []
+    for file in files:
+        text = _decode(file.read_bytes(), file).strip()
+        if text:
+            rel = file.relative_to(root).as_posix()
+            docs.append(Document(id=rel, text=text, group=rel))
+    if not docs:
+        raise CorpusError(f"all {len(files)} .txt/.md files under {root} are empty")
+    return docs
+
+
+def _text_files(root: Path) -> Iterator[Path]:
+    for file in root.rglob("*"):
+        rel_parts = file.relative_to(root).parts
+        # Hidden files and folders (.git, editor swap files) are never corpus text.
+        if any(part.startswith(".") for part in rel_parts):
+            continue
+        if file.is_file() and file.suffix.lower() in USER_SUFFIXES:
+            yield file
+
+
+def _load_jsonl(file: Path) -> list[Document]:
+    raw = file.read_bytes()
+    content = _decode(raw, file)
+    docs, conversations = [], 0
+    for lineno, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if _is_conversation_line(line):  # read by conversations.py (the same file holds both)
+            conversations += 1
+            continue
+        doc = _jsonl_document(line, file, lineno, hint=" (or a 'messages' list: a conversation)")
+        if doc.text:
+            docs.append(doc)
+    if not docs and not conversations:
+        raise CorpusError(f"{file} has no non-empty 'text' fields")
+    return docs
+
+
+def _is_conversation_line(line: str) -> bool:
+    """A `{"messages": [...]}` line (OpenAI / TRL conversational format) rather than a document."""
+    if '"messages"' not in line:
+        return False
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and "messages" in record
+
+
+def read_jsonl_texts(path: str | Path) -> list[str]:
+    """The `text` field of every non-blank line of a JSONL file, empty texts included (callers
+    that route or generate must see and refuse them rather than silently shift the outputs)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise CorpusError(f"{file} does not exist")
+    content = _decode(file.read_bytes(), file)
+    return [
+        _jsonl_document(line, file, lineno).text
+        for lineno, line in enumerate(content.splitlines(), start=1)
+        if line.strip()
+    ]
+
+
+def _jsonl_document(line: str, file: Path, lineno: int, hint: str = "") -> Document:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise CorpusError(f"{file}, line {lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise CorpusError(f"{file}, line {lineno}: needs a string 'text' field{hint}")
+    doc_id = _optional_str(record, "id", file, lineno) or f"line-{lineno}"
+    group = _optional_str(record, "group", file, lineno) or doc_id
+    return Document(id=doc_id, text=record["text"].strip(), group=group)
+
+
+def _optional_str(record: dict[str, Any], key: str, file: Path, lineno: int) -> str | None:
+    value = record.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise CorpusError(f"{file}, line {lineno}: '{key}' must be a string or an integer")
+    return str(value)
+
+
+def _decode(raw: bytes, file: Path) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise CorpusError(
+            f"{file} is not UTF-8 text (undecodable byte at line {line}); re-save it as UTF-8"
+        ) from None
+
+
+# --- choosing a corpus for a domain -----------------------------------------------------------
+
+
+def parse_data_spec(spec: str) -> tuple[str, Path]:
+    """Split a `NAME=PATH` command-line value into a domain name and a path."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path.strip():
+        raise CorpusError(
+            f"malformed data spec {spec!r}; expected NAME=PATH, e.g. notes=./my-notes"
+        )
+    if not _DOMAIN_NAME.fullmatch(name):
+        raise CorpusError(
+            f"invalid domain name {name!r} in {spec!r}; "
+            "use lowercase letters, digits, '-' and '_' (starting with a letter or digit)"
+        )
+    return name, Path(path.strip()).expanduser()
+
+
+def source_of(name: str, data_path: str | Path | None = None) -> str:
+    """How a bundle records where a domain's text came from: 'path:/abs/path' or 'builtin:NAME'."""
+    return f"path:{Path(data_path).resolve()}" if data_path is not None else f"builtin:{name}"
+
+
+def source_paths(name: str, source: str) -> dict[str, Path]:
+    """The `data_paths` that load `name` from its recorded source again: {name: path} for a user
+    corpus, {} for a built-in one (what `load_domain` and `load_domain_data` take)."""
+    return {name: Path(source.removeprefix("path:"))} if source.startswith("path:") else {}
+
+
+def load_domain(name: str, data_paths: Mapping[str, Path], progress: bool = True) -> list[Document]:
+    """The user's corpus for `name` when a path was given for it, else the built-in corpus."""
+    if name in data_paths:
+        return load_user_corpus(data_paths[name])
+    if name in BUILTIN_DOMAINS:
+        return load_builtin(name, progress=progress)
+    raise CorpusError(
+        f"unknown domain {name!r}: not a built-in domain ({', '.join(BUILTIN_DOMAINS)}) "
+        f"and no data given for it (pass --data {name}=PATH)"
+    )
