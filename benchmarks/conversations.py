@@ -33,7 +33,7 @@ from temporal_lora.adapters import train_adapter
 from temporal_lora.backbone import fingerprint, load_backbone
 from temporal_lora.bundle import read_manifest
 from temporal_lora.cache import atomic_write_text
-from temporal_lora.config import RouterConfig, TrainConfig, budget_config
+from temporal_lora.config import PRESETS, RouterConfig, TrainConfig, settings_for
 from temporal_lora.conversations import (
     assistant_nll,
     builtin_conversations,
@@ -78,15 +78,17 @@ def _measure(model, tok, test_convs, doc_chunks, max_tokens) -> dict:
     return {"assistant_ppl": _ppl(total, count), "assistant_tokens": count, "document_ppl": _doc_ppl(model, doc_chunks)}
 
 
-def run_conversations_bench(bundle: Path | None, work: Path, *, budget: str = "quick", seed: int = 0,
+def run_conversations_bench(bundle: Path | None, work: Path, *, budget: str | None = None, seed: int | None = None,
                             out: Path = RESULTS, base: str | None = None, config: TrainConfig | None = None,
                             progress: bool = True, log=print) -> dict:
     """Train the three adapters (cached under `work`), measure, merge into `out`/styles.json.
-    `base` and `config` (default: the embedded model, the budget's preset) are for tests."""
+    `base` and `config` (default: the embedded model, the budget's preset) are for tests; a config
+    comes with no `budget`/`seed`, or ones that agree with it (`config.settings_for`)."""
     from peft import PeftModel
 
     t_start = time.perf_counter()
-    cfg = config or budget_config(budget, seed)
+    cfg = settings_for(config, budget, seed, PRESETS)
+    budget, seed = cfg.budget, cfg.seed
     model, tok, base_id = load_backbone(base)
     if bundle is not None and read_manifest(bundle)["base_model"]["fingerprint"] != fingerprint(model):
         raise InputError(f"bundle {bundle} was trained on another base model")
