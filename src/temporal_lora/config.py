@@ -57,9 +57,15 @@ class RouterConfig:
     weight_decay: float = 1e-3
     abstain_threshold: float = 0.0
     """calibrated confidence below which the plain base model answers (default 0: never)"""
+    abstain_auto: bool = False
+    """choose abstain_threshold on validation data at every (re)fit (`--abstain auto`): the in-scope
+    validation rows and, where the user gave them, out-of-scope examples (routing/abstain.py)"""
     extra_sources: bool = True
     """also train on windows of each built-in domain's other training sources (issue 14;
     corpora/sources.py)"""
+    lexical: bool = True
+    """a lexical head beside the hidden-state one: hashed word and character n-grams, logistic
+    regression, joined as a product of experts weighed on the calibration rows (routing/lexical.py)"""
     short_texts: int = 200
     """short training texts per domain: headings, first sentences, single lines, signatures, the
     documents' own questions (corpora/views.py); 0: windows only, as before"""

@@ -148,7 +148,7 @@ def load_user_texts(path: str | Path) -> tuple[list[Document], list[Conversation
     """Documents and conversations of a user's corpus (a folder has documents only)."""
     docs = load_user_corpus(path)  # skips conversation lines; checks the path and every document line
     file = Path(path).expanduser()
-    convs = read_conversations(file, documents_too=True) if file.is_file() else []
+    convs = read_conversations(file, documents_too=True) if file.suffix.lower() == ".jsonl" and file.is_file() else []
     if not docs and not convs:
         raise CorpusError(f"{file} has no documents and no conversations")
     return docs, dedupe_conversations(convs)

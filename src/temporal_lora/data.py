@@ -182,9 +182,6 @@ def split_documents(
 
 # --- chunking ---------------------------------------------------------------------------------
 
-# Generous characters-per-token guess for the first prefix; grown by doubling when short.
-
-
 def split_like_parent(docs: list[Document], parent_split: dict | None, seed: int) -> tuple[Splits, bool]:
     """Train/val/test splits of a subdomain that respect the parent's held-out documents.
 
@@ -213,6 +210,7 @@ def chunk_documents(
     block_size: int,
     max_chunks: int,
     seed: int,
+    separator: int | None = None,
 ) -> list[list[int]]:
     """Up to `max_chunks` windows of exactly `block_size` token ids, spread over the documents.
 
@@ -222,6 +220,12 @@ def chunk_documents(
     seeded random order: taking them from the start would fill training and evaluation with
     title pages, licence headers and module docstrings. A document is tokenized only when first
     visited, and only its first `MAX_DOC_CHARS` characters, which bounds the cost of huge files.
+
+    With a `separator` token id, documents shorter than one block (questions, requests, FAQ
+    headings) are not dropped: once the long documents' windows are used up, the short ones are
+    packed, in the seeded visiting order, into further windows with the separator between them (the
+    usual causal-LM concatenation, with the document boundary marked). Without it, as before, they
+    are skipped; a corpus of long documents gives the same windows either way while its windows last.
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -230,28 +234,43 @@ def chunk_documents(
     rng.shuffle(order)
     pending: dict[int, list[list[int]] | None] = dict.fromkeys(order)
     chunks: list[list[int]] = []
+    short: list[list[int]] = []
     while pending and len(chunks) < max_chunks:
         for i in list(pending):
             windows = pending[i]
             if windows is None:
-                windows = pending[i] = _windows(docs[i].text, tokenizer, block_size, rng)
+                windows = pending[i] = _windows(docs[i].text, tokenizer, block_size, rng,
+                                                short if separator is not None else None)
             if not windows:
                 del pending[i]  # exhausted (or shorter than one block)
                 continue
             chunks.append(windows.pop())
             if len(chunks) == max_chunks:
                 break
+    if short and len(chunks) < max_chunks:
+        chunks += pack(short, block_size, separator)[: max_chunks - len(chunks)]
     return chunks
+
+
+def pack(seqs: Sequence[list[int]], block_size: int, separator: int | None) -> list[list[int]]:
+    """Concatenate token sequences, `separator` after each, and cut into full windows of
+    `block_size` (the short tail is dropped)."""
+    stream = [t for seq in seqs for t in (*seq, *([] if separator is None else [separator]))]
+    return [stream[k : k + block_size] for k in range(0, len(stream) - block_size + 1, block_size)]
 
 
 MAX_DOC_CHARS = 400_000
 
 
-def _windows(text: str, tokenizer: Any, size: int, rng: random.Random) -> list[list[int]]:
+def _windows(text: str, tokenizer: Any, size: int, rng: random.Random,
+             short: list[list[int]] | None = None) -> list[list[int]]:
+    """A document's windows in seeded order; a document shorter than one window goes to `short`."""
     if len(text) > MAX_DOC_CHARS:
         cut = text.rfind(" ", 0, MAX_DOC_CHARS)
         text = text[: cut if cut > 0 else MAX_DOC_CHARS]
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if short is not None and 0 < len(ids) < size:
+        short.append(ids)
     windows = [ids[k : k + size] for k in range(0, len(ids) - size + 1, size)]
     rng.shuffle(windows)
     return windows

@@ -27,6 +27,7 @@ from temporal_lora.model import TemporalLoRA
 from temporal_lora.routing.features import prefix_features
 from temporal_lora.routing.gating import GatingNetwork
 from temporal_lora.scoring import perplexity
+from temporal_lora.text import separator_id
 
 STRATEGIES = ("base", "oracle", "routed", "soft")
 
@@ -51,9 +52,10 @@ def held_out_chunks(tl: TemporalLoRA, n: int, *, block_size: int = 128, seed: in
         docs = [d for d in load_domain(domain, paths) if d.id in wanted]
         if not docs:
             raise CorpusError(f"the test documents of {domain!r} are no longer in {source}")
-        chunks = chunk_documents(docs, tl.tokenizer, block_size=block_size, max_chunks=n, seed=seed)
+        chunks = chunk_documents(docs, tl.tokenizer, block_size=block_size, max_chunks=n, seed=seed,
+                                 separator=separator_id(tl.tokenizer))
         if not chunks:
-            raise CorpusError(f"no test document of {domain!r} is {block_size} tokens long")
+            raise CorpusError(f"the test documents of {domain!r} hold fewer than {block_size} tokens")
         result[domain] = torch.tensor(chunks, dtype=torch.long)
     return result
 

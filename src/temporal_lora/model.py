@@ -40,6 +40,7 @@ from temporal_lora.routing.decisions import (
 )
 from temporal_lora.routing.gating import GatingNetwork
 from temporal_lora.routing.hierarchy import Hierarchy, adapter_name, route_name
+from temporal_lora.routing.lexical import LexicalHead, decode_rows
 from temporal_lora.routing.replay import text_features
 from temporal_lora.routing.styles import Styles
 from temporal_lora.sampling import eos_ids
@@ -48,6 +49,7 @@ from temporal_lora.storage import (
     SPLITS_FILE,
     load_router,
     read_hierarchy,
+    read_lexical,
     read_replay,
     read_splits,
     read_styles,
@@ -102,6 +104,10 @@ class TemporalLoRA:
         # Router features per domain ({domain: {"train", "calib"}}), saved as router/replay.safetensors
         # so that add-domain / remove-domain can refit the router without old raw text (routing/replay.py).
         self.replay: dict | None = None
+        # The router's lexical head (routing/lexical.py) and its replay memory (each router row's hashed
+        # n-gram counts); None for bundles written before it, which route on hidden states alone.
+        self.lexical: LexicalHead | None = None
+        self.lexical_replay: dict | None = None
         self.hierarchy: Hierarchy | None = None  # subdomains (routing/hierarchy.py); None for a bundle without any
         self.styles: Styles | None = None  # style adapters (routing/styles.py); None for a bundle without any
         self.context_length = context_length(self.model, tokenizer)
@@ -151,6 +157,7 @@ class TemporalLoRA:
                           base_fingerprint=found)
         replay = read_replay(path, rinfo, domains)  # bundles written before the replay memory have none
         tl.replay = replay[0] if replay else None
+        tl.lexical, tl.lexical_replay = read_lexical(path, rinfo, domains)  # (None, None) before lexical heads
         if manifest.get("subdomains"):  # bundles without subdomains load exactly as before
             tl.attach_subdomains(path, read_hierarchy(path, manifest))
         if manifest.get("styles"):  # likewise styles: loaded after the subdomains
@@ -195,7 +202,8 @@ class TemporalLoRA:
             save_peft_adapters(self.peft_model, tmp / "adapters", selected_adapters=self.domains)
             router_entry: dict = {}
             lengths = self.info.get("router_training", {}).get("prefix_lengths") or self.router_config.train_lengths
-            write_router(tmp, ROUTER_DIR, router_entry, self.router, self.replay or None, self.domains, lengths)
+            write_router(tmp, ROUTER_DIR, router_entry, self.router, self.replay or None, self.domains, lengths,
+                         lexical=self.lexical, lexical_replay=self.lexical_replay)
             if self.info.get("data"):
                 write_splits(tmp, SPLITS_FILE, self.info["data"])
             subdomains = write_hierarchy(self.hierarchy, self.peft_model, tmp) if self.hierarchy else None
@@ -247,6 +255,7 @@ class TemporalLoRA:
                 "config": asdict(self.router_config),
                 "training": self.info.get("router_training", {}),
                 "replay": router_entry["replay"],
+                **({"lexical": router_entry["lexical"]} if router_entry.get("lexical") else {}),
             },
             "data": SPLITS_FILE if self.info.get("data") else None,
             "train_config": self.info.get("train_config"),
@@ -282,7 +291,17 @@ class TemporalLoRA:
     @torch.no_grad()
     def route_probs(self, ids: list[list[int]], batch_size: int = 16) -> torch.Tensor:
         """Calibrated router probabilities [n, n_domains] for token-id inputs (first max_tokens read)."""
-        return self.router(self.route_features(ids, batch_size))
+        return self.router_probs(self.route_features(ids, batch_size), ids)
+
+    @torch.no_grad()
+    def router_probs(self, feats: torch.Tensor, ids: list[list[int]]) -> torch.Tensor:
+        """Calibrated probabilities from pooled features and, where the bundle has a lexical head, the
+        inputs' words (the same first max_tokens tokens, decoded)."""
+        if self.lexical is None:
+            return self.router(feats)
+        log_probs = torch.log_softmax(self.router.logits(feats) / self.router.temperature, dim=-1)
+        texts = decode_rows(self.tokenizer, [seq[: self.router_config.max_tokens] for seq in ids])
+        return self.lexical.combine(log_probs, texts)
 
     def decisions(self, probs: torch.Tensor) -> list[RouteDecision]:
         return decide(probs, self.domains, self.router_config.abstain_threshold)

@@ -26,6 +26,13 @@ from temporal_lora.config import RouterConfig
 from temporal_lora.errors import BundleError
 from temporal_lora.routing.gating import GatingNetwork, load_gating, save_gating
 from temporal_lora.routing.hierarchy import DEFAULT_FALLBACK, Hierarchy, SubRouter, adapter_name
+from temporal_lora.routing.lexical import (
+    LexicalHead,
+    load_lexical,
+    load_lexical_replay,
+    save_lexical,
+    save_lexical_replay,
+)
 from temporal_lora.routing.replay import load_replay, save_replay
 from temporal_lora.routing.styles import Styles
 
@@ -46,11 +53,20 @@ def load_router(bundle: Path, entry: dict, n_outputs: int) -> GatingNetwork | No
 
 
 def write_router(root: Path, folder: str, entry: dict, net: GatingNetwork | None, replay: dict | None,
-                 names: list[str], lengths: list[int]) -> None:
+                 names: list[str], lengths: list[int], *, lexical: LexicalHead | None = None,
+                 lexical_replay: dict | None = None) -> None:
     """Write a gating network and its replay memory (features of `names`) under `root/folder` and
-    record both in the manifest `entry`. A parent with one subdomain has replay but no network yet."""
+    record both in the manifest `entry`. A parent with one subdomain has replay but no network yet.
+    A lexical head (and its replay memory of hashed rows) is written beside them when given."""
     (root / folder).mkdir(parents=True, exist_ok=True)
     entry["replay"] = None
+    entry.pop("lexical", None)
+    if lexical is not None:
+        save_lexical(lexical, root / folder / "lexical.safetensors")
+        entry["lexical"] = {"path": f"{folder}/lexical.safetensors", "weight": lexical.weight, "replay": None}
+        if lexical_replay is not None and all(n in lexical_replay for n in names):
+            save_lexical_replay(root / folder / "lexical_replay.safetensors", {n: lexical_replay[n] for n in names})
+            entry["lexical"]["replay"] = f"{folder}/lexical_replay.safetensors"
     if replay is not None:
         save_replay(root / folder / "replay.safetensors", {n: replay[n] for n in names}, lengths)
         entry["replay"] = f"{folder}/replay.safetensors"
@@ -71,6 +87,19 @@ def read_replay(bundle: Path, entry: dict, names: list[str]) -> tuple[dict, list
     if missing:
         raise BundleError(f"router replay memory lacks {', '.join(missing)}")
     return features, lengths
+
+
+def read_lexical(bundle: Path, entry: dict, names: list[str]) -> tuple[LexicalHead | None, dict | None]:
+    """The lexical head a router entry points to, and its replay memory (hashed rows of `names`):
+    (None, None) for a bundle without a lexical head."""
+    info = entry.get("lexical")
+    if not info:
+        return None, None
+    head = load_lexical(safe_path(bundle, info["path"]), len(names))
+    rows = load_lexical_replay(safe_path(bundle, info["replay"])) if info.get("replay") else None
+    if rows is not None and any(n not in rows for n in names):
+        raise BundleError("router lexical replay memory lacks a domain")
+    return head, rows
 
 
 # ------------------------------------------------------------------------------------------ route examples

@@ -29,6 +29,12 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
+def separator_id(tokenizer) -> int | None:
+    """The token that marks where one packed short document ends and the next begins: the
+    tokenizer's end-of-sequence token (None if it has none: documents are then packed back to back)."""
+    return getattr(tokenizer, "eos_token_id", None)
+
+
 def pad_batch(seqs: list[list[int]], pad_id: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Ids [n, width] and attention mask of sequences padded to the longest. Generation pads on the
     left (every row's next token is at the end); router features on the right (positions kept)."""

@@ -38,10 +38,16 @@ from temporal_lora.corpora.views import questions_in, short_views
 from temporal_lora.data import Splits, chunk_documents, dedupe, split_documents
 from temporal_lora.errors import CorpusError, FetchError, InputError
 from temporal_lora.model import TemporalLoRA
-from temporal_lora.routing.features import pool_prefixes, resolve_feature_spec, token_features
+from temporal_lora.routing.features import (
+    pool_prefixes,
+    prefix_features,
+    resolve_feature_spec,
+    token_features,
+)
 from temporal_lora.routing.gating import GatingNetwork, fit_router
-from temporal_lora.routing.replay import domain_features
-from temporal_lora.text import pad_batch, pad_id, tokenize
+from temporal_lora.routing.lexical import fit_router_lexical, hashed_rows
+from temporal_lora.routing.replay import text_features
+from temporal_lora.text import pad_batch, pad_id, separator_id, tokenize
 
 TRAIN_INITS = ("base", "shared")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -110,19 +116,26 @@ def training_rows(dd: DomainData, tokenizer, cfg: TrainConfig, max_tokens: int, 
     shared between the kinds (conversations.mix_rows). Documents only: exactly the chunks as before."""
     n = cfg.steps * cfg.batch_size
     if dd.conversations is None:
-        return chunks_tensor(dd.splits.train, tokenizer, cfg, n, cfg.seed, what).tolist(), []
-    chunks = chunk_documents(dd.splits.train, tokenizer, block_size=cfg.block_size, max_chunks=n, seed=cfg.seed)
+        return chunks_tensor(dd.splits.train, tokenizer, cfg, n, cfg.seed, what, pack=True).tolist(), []
+    chunks = chunk_documents(dd.splits.train, tokenizer, block_size=cfg.block_size, max_chunks=n, seed=cfg.seed,
+                             separator=separator_id(tokenizer))
     convs = conversation_rows(tokenizer, dd.conversations.train, max_tokens)
     if not chunks and not convs:
-        raise CorpusError(f"{what}: no document is {cfg.block_size} tokens long and no conversation has an "
-                          f"assistant turn within {max_tokens} tokens")
+        raise CorpusError(f"{what}: its documents hold fewer than {cfg.block_size} tokens and no conversation "
+                          f"has an assistant turn within {max_tokens} tokens")
     return mix_rows(chunks, convs, n, cfg.seed)
 
 
-def chunks_tensor(docs: list[Document], tokenizer, cfg: TrainConfig, n: int, seed: int, what: str) -> torch.Tensor:
-    chunks = chunk_documents(docs, tokenizer, block_size=cfg.block_size, max_chunks=n, seed=seed)
+def chunks_tensor(docs: list[Document], tokenizer, cfg: TrainConfig, n: int, seed: int, what: str,
+                  pack: bool = False) -> torch.Tensor:
+    """Up to `n` windows of `docs` [k, block_size]; with `pack`, short documents are packed into
+    windows too (adapter training, perplexity), else skipped (router windows: short texts are
+    router rows of their own)."""
+    chunks = chunk_documents(docs, tokenizer, block_size=cfg.block_size, max_chunks=n, seed=seed,
+                             separator=separator_id(tokenizer) if pack else None)
     if not chunks:
-        raise CorpusError(f"{what}: no document is at least {cfg.block_size} tokens long")
+        raise CorpusError(f"{what}: no document is at least {cfg.block_size} tokens long" if not pack else
+                          f"{what}: its documents hold fewer than {cfg.block_size} tokens in all")
     return torch.tensor(chunks, dtype=torch.long)
 
 
@@ -156,13 +169,19 @@ def router_text(dd: DomainData, tokenizer, cfg: TrainConfig, builtin: bool, run:
     if dd.conversations is not None:
         turns = user_turn_ids(tokenizer, dd.conversations.train, cfg.router.max_tokens)
         turns_calib = user_turn_ids(tokenizer, dd.conversations.val, cfg.router.max_tokens)
-    if turns and turns_calib and not (dd.splits.train and dd.splits.val):  # conversations only
+    primary = dd.splits
+    if not builtin:  # a user's short documents (requests, questions, FAQ headings): every one a router row
+        (train_docs, short), (val_docs, short_calib) = (short_documents(d, tokenizer, cfg)
+                                                        for d in (primary.train, primary.val))
+        turns, turns_calib = (turns or []) + short or None, (turns_calib or []) + short_calib or None
+        primary = Splits(train_docs, val_docs, primary.test)
+    if turns and turns_calib and not (primary.train and primary.val):  # conversations / short texts only
         empty = torch.zeros((0, cfg.block_size), dtype=torch.long)
         return RouterText(empty, empty, [], [], {}, turns, turns_calib)
-    train = _windows_of(dd.splits.train, tokenizer, cfg, cfg.router_chunks, cfg.seed + 1, dd.name, turns)
-    calib = _windows_of(dd.splits.val, tokenizer, cfg, cfg.calib_chunks, cfg.seed, f"{dd.name} val split",
+    train = _windows_of(primary.train, tokenizer, cfg, cfg.router_chunks, cfg.seed + 1, dd.name, turns)
+    calib = _windows_of(primary.val, tokenizer, cfg, cfg.calib_chunks, cfg.seed, f"{dd.name} val split",
                         turns_calib)
-    splits = {"primary": dd.splits}
+    splits = {"primary": primary}
     sources: dict = {}
     extras = [s for s in sources_of(dd.name) if s.name != PRIMARY.get(dd.name)] \
         if builtin and cfg.router.extra_sources and dd.name in BUILTIN_DOMAINS else []
@@ -189,6 +208,22 @@ def router_text(dd: DomainData, tokenizer, cfg: TrainConfig, builtin: bool, run:
     return RouterText(torch.cat(more_train), torch.cat(more_calib), short, short_calib, sources, turns, turns_calib)
 
 
+def short_documents(docs: list[Document], tokenizer, cfg: TrainConfig) -> tuple[list[Document], list[list[int]]]:
+    """(the documents of at least one training window, token ids of the shorter ones, each cut to the
+    router's `max_tokens`)."""
+    long, short = [], []
+    for doc in docs:
+        if len(doc.text) > 16 * cfg.block_size:  # surely a window or more: not worth tokenizing here
+            long.append(doc)
+            continue
+        ids = tokenize(tokenizer, doc.text, f"document {doc.id}")
+        if len(ids) >= cfg.block_size:
+            long.append(doc)
+        elif ids:
+            short.append(ids[: cfg.router.max_tokens])
+    return long, short
+
+
 def _windows_of(docs: list[Document], tokenizer, cfg: TrainConfig, n: int, seed: int, what: str,
                 turns: list | None) -> torch.Tensor:
     """Router windows of `docs`; none (instead of an error) when user turns stand in for them."""
@@ -211,28 +246,46 @@ def turn_features(model, spec: str, turns: list[list[int]], lengths: list[int], 
 
 
 def router_features(model, spec: str, rt: RouterText, lengths: list[int], pad_id: int,
-                    min_rows: int = 0, with_short: bool = True) -> dict[str, torch.Tensor]:
+                    min_rows: int = 0, with_short: bool = True,
+                    rows: dict[str, list[list[int]]] | None = None) -> dict[str, torch.Tensor]:
     """A domain's router features (routing/replay.py's layout): windows and short texts, with the
-    conversations' user turns as more "train" / "calib" rows. A domain without windows (conversations
-    only) repeats its training turns up to `min_rows`, so its class is not a small minority; its
-    turns, read whole, are also its short texts when the router trains on short texts (`with_short`)."""
-    if len(rt.train) and len(rt.calib):
-        out = domain_features(model, spec, rt.train, rt.calib, lengths, rt.short, rt.short_calib, pad_id=pad_id)
-    else:
-        out = {}
-    whole = {}
+    conversations' user turns (and a user corpus's short documents) as more "train" / "calib" rows.
+    A domain without windows repeats its training turns up to `min_rows`, so its class is not a small
+    minority; its turns, read whole, are also its short texts when the router trains on short texts
+    (`with_short`). `rows`, if given, is filled with the token ids each feature row read, in the
+    features' row order ([L, n] flattened length by length): what the lexical head reads."""
+    out: dict[str, torch.Tensor] = {}
+    ids: dict[str, list] = {}  # part -> per prefix length, the token rows (windows, turns) it read
+    for part, chunks in (("train", rt.train), ("calib", rt.calib)):
+        if len(chunks):
+            out[part] = prefix_features(model, spec, chunks, lengths)
+            ids[part] = [[row[:n] for row in chunks.tolist()] for n in lengths]
+    for part, seqs in (("short", rt.short), ("short_calib", rt.short_calib)):
+        if seqs:
+            out[part] = text_features(model, spec, seqs, pad_id)
+            ids[part] = list(seqs)
+    whole, whole_ids = {}, {}
     for part, turns in (("train", rt.turns), ("calib", rt.turns_calib)):
         if not turns:
             continue
         feats = turn_features(model, spec, turns, lengths, pad_id)
-        whole["short" if part == "train" else "short_calib"] = feats[-1]
+        short_part = "short" if part == "train" else "short_calib"
+        whole[short_part], whole_ids[short_part] = feats[-1], list(turns)
+        order = list(range(len(turns)))
         if part == "train" and part not in out and feats.shape[1] < min_rows:
-            feats = feats[:, torch.arange(min_rows) % feats.shape[1]]
+            order = [i % len(turns) for i in range(min_rows)]
+            feats = feats[:, torch.tensor(order)]
+        prefixes = [[turns[i][:n] for i in order] for n in lengths]
         out[part] = torch.cat([out[part], feats], dim=1) if part in out else feats
+        ids[part] = [a + b for a, b in zip(ids[part], prefixes, strict=True)] if part in ids else prefixes
     if with_short and "short" not in out and len(whole) == 2:
         out.update(whole)
+        ids.update(whole_ids)
     if "train" not in out or "calib" not in out:
         raise CorpusError("the router needs training and validation text of every domain")
+    if rows is not None:
+        rows.update({part: [r for per_length in v for r in per_length] if part in ("train", "calib") else v
+                     for part, v in ids.items()})
     return out
 
 
@@ -269,25 +322,34 @@ def _short_texts(tokenizer, doc_lists: list[list[Document]], limit: int, cfg: Tr
 def train_router(tl_model, tokenizer, spec: str, domain_chunks: dict[str, tuple[torch.Tensor, torch.Tensor]],
                  cfg: TrainConfig, replay: dict | None = None,
                  short: dict[str, tuple[list, list]] | None = None,
-                 turns: dict[str, tuple[list, list]] | None = None) -> tuple[GatingNetwork, dict]:
+                 turns: dict[str, tuple[list, list]] | None = None,
+                 lexical: dict | None = None) -> tuple[GatingNetwork, dict]:
     """Train the gating network on prefixes of training chunks; calibrate on validation chunks.
 
     With `replay` (a dict), each domain's features are also put there: the bundle keeps them so
     that adding or removing a domain later refits the router without the old domains' raw text.
+    With `lexical` (a dict) and `cfg.router.lexical`, the lexical head is fitted on the same rows
+    and put there as "head", with each domain's rows as hashed counts as "rows" (its replay memory).
     """
     lengths = router_prefix_lengths(cfg.router, cfg.block_size)
     short = short or {}
     pad = pad_id(tokenizer)
     turns = turns or {}
+    rows: dict[str, dict] = {}
     features = {name: router_features(tl_model, spec, RouterText(train_chunks, calib_chunks,
                                                                  *short.get(name, (None, None)), {},
                                                                  *turns.get(name, (None, None))),
                                       lengths, pad, min_rows=cfg.router_chunks,
-                                      with_short=cfg.router.short_texts > 0)
+                                      with_short=cfg.router.short_texts > 0, rows=rows.setdefault(name, {}))
                 for name, (train_chunks, calib_chunks) in domain_chunks.items()}
     net, summary = fit_router(features, cfg.router, seed=cfg.seed)
     if replay is not None:
         replay.update(features)
+    if lexical is not None and cfg.router.lexical:
+        hashed = {name: hashed_rows(tokenizer, r) for name, r in rows.items()}
+        head, lex_summary = fit_router_lexical(net, features, hashed, seed=cfg.seed)
+        lexical.update(head=head, rows=hashed)
+        summary["lexical"] = lex_summary
     return net, {"examples": summary["examples"], "calibration_examples": summary["calibration_examples"],
                  "prefix_lengths": lengths, **summary}
 
@@ -395,8 +457,9 @@ def train_bundle(
         run.log(f"training router on '{spec}' features")
         t0 = time.perf_counter()
         replay: dict = {}
+        lexical: dict = {}
         router, router_summary = train_router(model, tokenizer, spec, router_data, cfg, replay=replay,
-                                              short=router_short, turns=router_turns)
+                                              short=router_short, turns=router_turns, lexical=lexical)
         timing["router"] = time.perf_counter() - t0
 
         info = {"training": training, "router_training": router_summary, "data": splits_info,
@@ -407,6 +470,7 @@ def train_bundle(
                                    router=router, router_config=cfg.router, feature_spec=spec, info=info,
                                    base_fingerprint=base_fp)
         tl.replay = replay
+        tl.lexical, tl.lexical_replay = lexical.get("head"), lexical.get("rows")
         t0 = time.perf_counter()
         # Under `accelerate launch` every process gets here with identical weights; one writes
         # (the others wait for it at the barrier below before returning).

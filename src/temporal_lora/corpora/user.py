@@ -22,8 +22,9 @@ _DOMAIN_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
 def load_user_corpus(path: str | Path) -> list[Document]:
     """Documents from a folder (every .txt/.md file below it, one document each, grouped by
-    relative path) or a .jsonl file (a string `text` per line, optional `id` and `group`; lines
-    that are conversations, `{"messages": [...]}`, are skipped here: conversations.py reads them)."""
+    relative path), a .jsonl file (a string `text` per line, optional `id` and `group`; lines
+    that are conversations, `{"messages": [...]}`, are skipped here: conversations.py reads them),
+    or a .txt file of short texts, one per line (requests, questions, FAQ headings)."""
     root = Path(path).expanduser()
     if not root.exists():
         raise CorpusError(f"corpus path {root} does not exist")
@@ -31,7 +32,19 @@ def load_user_corpus(path: str | Path) -> list[Document]:
         return _load_folder(root)
     if root.suffix.lower() == ".jsonl":
         return _load_jsonl(root)
-    raise CorpusError(f"corpus path {root} must be a folder of .txt/.md files or a .jsonl file")
+    if root.suffix.lower() == ".txt":
+        return load_text_lines(root)
+    raise CorpusError(f"corpus path {root} must be a folder of .txt/.md files, a .jsonl file or a .txt file "
+                      "with one text per line")
+
+
+def load_text_lines(file: Path) -> list[Document]:
+    """One document per non-blank line of a text file: a list of short texts."""
+    docs = [Document(id=f"line-{n}", text=line.strip(), group=f"line-{n}")
+            for n, line in enumerate(_decode(file.read_bytes(), file).splitlines(), start=1) if line.strip()]
+    if not docs:
+        raise CorpusError(f"{file} has no non-blank lines")
+    return docs
 
 
 def _load_folder(root: Path) -> list[Document]:

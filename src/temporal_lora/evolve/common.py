@@ -19,6 +19,8 @@ from temporal_lora.backbone import fingerprint, load_backbone
 from temporal_lora.bundle import read_manifest
 from temporal_lora.config import PRESETS, RouterConfig, RunContext, TrainConfig, settings_for
 from temporal_lora.errors import BaseModelMismatchError, BundleError
+from temporal_lora.routing.lexical import fit_router_lexical, hash_texts, hashed_rows
+from temporal_lora.storage import read_lexical
 from temporal_lora.train import DomainData, conversation_tokens, training_rows
 
 
@@ -118,3 +120,28 @@ def check_kept(old_files: dict[str, str], new_files: dict[str, str], kept: Calla
     for rel, digest in old_files.items():
         if kept(rel) and new_files.get(rel) != digest:
             raise BundleError(f"{noun} {rel} changed while {change}")
+
+
+def refit_lexical(bundle: Path, manifest: dict, router, replay: dict, domains: list[str], *, seed: int,
+                  new_rows: dict[str, dict[str, list[list[int]]]] | None = None, tokenizer=None,
+                  examples: list[dict] | None = None, example_weight: float = 1.0) -> tuple:
+    """The router's lexical head refit beside a refit gating network `router`: on the stored hashed
+    rows of the kept domains plus `new_rows` (token ids of a new domain's router rows, hashed here)
+    and the user's route examples (their texts). Returns (head, hashed rows, summary); (None, None,
+    reason) when the bundle has no lexical replay memory (written before lexical heads) or the
+    router config turns it off: the router then routes on hidden states alone."""
+    if not RouterConfig(**manifest["router"]["config"]).lexical:
+        return None, None, {"skipped": "router config lexical = false"}
+    old, rows = read_lexical(bundle, manifest["router"], manifest["domains"])
+    if old is None or rows is None:
+        return None, None, {"skipped": "the bundle has no lexical replay memory"}
+    rows = {d: rows[d] for d in domains if d in rows}
+    for name, ids in (new_rows or {}).items():
+        rows[name] = hashed_rows(tokenizer, ids, old.settings)
+    ex: dict[str, list[str]] = {}
+    for item in examples or []:
+        ex.setdefault(item["domain"], []).append(item["text"])
+    hashed_ex = {d: hash_texts(t, old.settings) for d, t in ex.items() if d in domains}
+    head, summary = fit_router_lexical(router, {d: replay[d] for d in domains}, rows, seed=seed,
+                                       examples=hashed_ex, example_weight=example_weight, settings=old.settings)
+    return head, rows, summary

@@ -28,6 +28,7 @@ from temporal_lora.evolve.common import (
     check_kept,
     load_base_for,
     place_adapter,
+    refit_lexical,
 )
 from temporal_lora.evolve.warm_start import check_init, router_affinity, warm_start
 from temporal_lora.routing.gating import GatingNetwork, fit_router
@@ -107,8 +108,9 @@ def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None,
         # a warm start which old domains the new text is like.
         with add.timed("router_features"):
             pad = pad_id(add.tokenizer)
+            new_rows: dict = {}
             replay[name] = router_features(add.model, add.spec, rt, lengths, pad, min_rows=cfg.router_chunks,
-                                           with_short=rcfg.router.short_texts > 0)
+                                           with_short=rcfg.router.short_texts > 0, rows=new_rows)
         old_router = load_router(bundle, manifest["router"], len(old_domains))
         affinity = router_affinity(old_router, replay[name]["train"], old_domains)
         folders = {d: safe_path(bundle, manifest["adapters"][d]["path"]) for d in old_domains}
@@ -126,6 +128,10 @@ def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None,
             router, router_summary = fit_router({d: replay[d] for d in domains}, add.router_cfg, seed=cfg.seed,
                                                 examples=examples_by_domain(ex_items, ex_feats),
                                                 example_weight=ex_weight)
+            lexical = refit_lexical(bundle, manifest, router, replay, domains, seed=cfg.seed,
+                                    new_rows={name: new_rows}, tokenizer=add.tokenizer, examples=ex_items,
+                                    example_weight=ex_weight)
+            router_summary["lexical"] = lexical[2]
 
         labels = {d: i for i, d in enumerate(old_domains)}
         old_replay = {d: replay[d] for d in old_domains}
@@ -141,7 +147,7 @@ def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None,
             copy_domain_files(bundle, old, old_domains, tmp)
             new["domains"] = domains
             new["adapters"][name] = place_adapter(work / name, tmp, f"adapters/{name}", training)
-            _write_refit(tmp, new, router, router_summary, replay, domains, lengths, splits)
+            _write_refit(tmp, new, router, router_summary, replay, domains, lengths, splits, lexical)
             write_examples(tmp, new, ex_items, ex_feats, ex_weight)
             return new
 
@@ -187,6 +193,9 @@ def remove_domain(bundle: str | Path, name: str, *, base: str | None = None, run
     ex_items, ex_feats, ex_weight = _examples(bundle, manifest, domains)
     router, router_summary = fit_router({d: replay[d] for d in domains}, router_cfg, seed=own.seed,
                                         examples=examples_by_domain(ex_items, ex_feats), example_weight=ex_weight)
+    lexical = refit_lexical(bundle, manifest, router, replay, domains, seed=own.seed, examples=ex_items,
+                            example_weight=ex_weight)
+    router_summary["lexical"] = lexical[2]
     router_seconds = time.perf_counter() - t0
     labels = {d: i for i, d in enumerate(domains)}
     after = replay_accuracy(router, {d: replay[d] for d in domains}, labels)
@@ -199,7 +208,7 @@ def remove_domain(bundle: str | Path, name: str, *, base: str | None = None, run
         del new["adapters"][name]
         if name in new.get("subdomains", {}):  # its subdomains go with it (their files are not copied)
             del new["subdomains"][name]
-        _write_refit(tmp, new, router, router_summary, replay, domains, lengths, splits)
+        _write_refit(tmp, new, router, router_summary, replay, domains, lengths, splits, lexical)
         write_examples(tmp, new, ex_items, ex_feats, ex_weight)
         return new
 
@@ -251,9 +260,11 @@ def copy_domain_files(bundle: Path, old: dict, domains: list[str], tmp: Path) ->
 
 
 def _write_refit(tmp: Path, manifest: dict, router: GatingNetwork, summary: dict, replay: dict,
-                 domains: list[str], lengths: list[int], splits: dict) -> None:
-    """The refit router, its replay memory and the data splits into the version being built."""
-    write_router(tmp, ROUTER_DIR, manifest["router"], router, replay, domains, lengths)
+                 domains: list[str], lengths: list[int], splits: dict, lexical: tuple) -> None:
+    """The refit router (with its lexical head and memory: `refit_lexical`'s result), its replay
+    memory and the data splits into the version being built."""
+    write_router(tmp, ROUTER_DIR, manifest["router"], router, replay, domains, lengths,
+                 lexical=lexical[0], lexical_replay=lexical[1])
     manifest["router"]["training"] = summary | {"prefix_lengths": list(lengths), "refit_from": "replay memory"}
     manifest["data"] = write_splits(tmp, SPLITS_FILE, splits)
 

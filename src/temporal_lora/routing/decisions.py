@@ -132,7 +132,7 @@ def _plan_domains(tl, route_ids: list[list[int]], *, mode: str, top_k: int, doma
         w = forced_weights(adapters, domain, n)
         return RoutePlan([None] * n, w, [named_row(adapters, r) for r in w], [None] * n)
     feats = tl.route_features(route_ids)
-    probs = tl.router(feats)
+    probs = tl.router_probs(feats, route_ids)
     threshold = tl.router_config.abstain_threshold
     decisions = decide(probs, tl.domains, threshold)
     top = mix_weights(probs, mode, top_k, threshold)
@@ -156,8 +156,7 @@ def route_texts(tl, texts: list[str], *, segments: SegmentConfig | None = None,
     (`segments`, `switches`, `domains`). `tlora route` and `/v1/route` print exactly this."""
     ids = tl.encode(texts)
     feats = tl.route_features(ids)
-    with torch.no_grad():
-        probs = tl.router(feats)
+    probs = tl.router_probs(feats, ids)
     rows = [d.to_dict() for d in decide(probs, tl.domains, tl.router_config.abstain_threshold)]
     if tl.hierarchy is not None:
         subs = tl.hierarchy.decide([r["domain"] for r in rows], feats, fallback_threshold)
