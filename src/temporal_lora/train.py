@@ -175,9 +175,6 @@ def router_text(dd: DomainData, tokenizer, cfg: TrainConfig, builtin: bool, run:
                                                         for d in (primary.train, primary.val))
         turns, turns_calib = (turns or []) + short or None, (turns_calib or []) + short_calib or None
         primary = Splits(train_docs, val_docs, primary.test)
-    if turns and turns_calib and not (primary.train and primary.val):  # conversations / short texts only
-        empty = torch.zeros((0, cfg.block_size), dtype=torch.long)
-        return RouterText(empty, empty, [], [], {}, turns, turns_calib)
     train = _windows_of(primary.train, tokenizer, cfg, cfg.router_chunks, cfg.seed + 1, dd.name, turns)
     calib = _windows_of(primary.val, tokenizer, cfg, cfg.calib_chunks, cfg.seed, f"{dd.name} val split",
                         turns_calib)

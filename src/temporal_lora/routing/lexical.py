@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.linear_model import LogisticRegression
@@ -170,7 +170,7 @@ def load_lexical(path: Path, n_classes: int) -> LexicalHead:
             t = {k: fh.get_tensor(k) for k in ("columns", "coef", "intercept", "idf")}
         head = LexicalHead(LexicalSettings.from_dict(info["settings"]), t["columns"], t["coef"], t["intercept"],
                            t["idf"], info["weight"], info["temperature"], info["n_classes"])
-    except (OSError, KeyError, ValueError, TypeError) as exc:
+    except (OSError, KeyError, ValueError, TypeError, SafetensorError) as exc:
         raise BundleError(f"router lexical head {path} is unreadable: {exc}") from exc
     if head.n_classes != n_classes or head.coef.shape != (n_classes, len(head.columns)):
         raise BundleError(f"router lexical head {Path(path).name} does not match the manifest's {n_classes} domains")
@@ -204,7 +204,7 @@ def load_lexical_replay(path: Path) -> dict[str, dict[str, sp.csr_matrix]]:
                     out[domain][part] = sp.csr_matrix((fh.get_tensor(f"{domain}.{part}.data"),
                                                        fh.get_tensor(f"{domain}.{part}.indices"), indptr),
                                                       shape=(len(indptr) - 1, width))
-    except (OSError, KeyError, ValueError, TypeError) as exc:
+    except (OSError, KeyError, ValueError, TypeError, SafetensorError) as exc:
         raise BundleError(f"router lexical replay memory {path} is unreadable: {exc}") from exc
     return out
 
