@@ -48,11 +48,13 @@ from temporal_lora.storage import (
     ROUTER_DIR,
     SPLITS_FILE,
     load_router,
+    read_examples,
     read_hierarchy,
     read_lexical,
     read_replay,
     read_splits,
     read_styles,
+    write_examples,
     write_hierarchy,
     write_router,
     write_splits,
@@ -108,6 +110,9 @@ class TemporalLoRA:
         # n-gram counts); None for bundles written before it, which route on hidden states alone.
         self.lexical: LexicalHead | None = None
         self.lexical_replay: dict | None = None
+        # Route examples (router/examples.*: items [{id, domain, text}], their pooled features, weight);
+        # None when the bundle has none. Domain 'none' holds out-of-scope texts (routing/abstain.py).
+        self.examples: tuple[list[dict], dict[str, torch.Tensor], float] | None = None
         self.hierarchy: Hierarchy | None = None  # subdomains (routing/hierarchy.py); None for a bundle without any
         self.styles: Styles | None = None  # style adapters (routing/styles.py); None for a bundle without any
         self.context_length = context_length(self.model, tokenizer)
@@ -158,6 +163,9 @@ class TemporalLoRA:
         replay = read_replay(path, rinfo, domains)  # bundles written before the replay memory have none
         tl.replay = replay[0] if replay else None
         tl.lexical, tl.lexical_replay = read_lexical(path, rinfo, domains)  # (None, None) before lexical heads
+        items, feats = read_examples(path, manifest)
+        if items:
+            tl.examples = (items, feats, float(rinfo["examples"].get("weight", 20.0)))
         if manifest.get("subdomains"):  # bundles without subdomains load exactly as before
             tl.attach_subdomains(path, read_hierarchy(path, manifest))
         if manifest.get("styles"):  # likewise styles: loaded after the subdomains
@@ -212,6 +220,9 @@ class TemporalLoRA:
                 manifest["subdomains"] = subdomains
                 for folder in ("subadapters", "subrouters"):
                     manifest["files"].update(checksums(tmp / folder, tmp))
+            if self.examples and self.examples[0]:
+                write_examples(tmp, manifest, *self.examples)
+                manifest["files"].update(checksums(tmp / ROUTER_DIR, tmp))
             if self.styles and self.styles.entries:
                 manifest["styles"] = write_styles(self.styles, self.peft_model, tmp)
                 manifest["files"].update(checksums(tmp / "styles", tmp))

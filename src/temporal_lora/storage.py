@@ -13,6 +13,7 @@ each part lives and how the manifest records it, so that training, `from_pretrai
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -104,7 +105,13 @@ def read_lexical(bundle: Path, entry: dict, names: list[str]) -> tuple[LexicalHe
 
 # ------------------------------------------------------------------------------------------ route examples
 EXAMPLES_FILE = "router/examples.json"
+DEFAULT_EXAMPLE_WEIGHT = 20.0  # one example counts as many replay rows: a handful must move the boundary
 EXAMPLE_FEATURES = "router/examples.safetensors"
+
+
+def example_id(domain: str, text: str) -> str:
+    """A route example's id: the same text for the same domain is one example."""
+    return "ex-" + hashlib.sha256(f"{domain}\n{text}".encode()).hexdigest()[:12]
 
 
 def read_examples(bundle: Path, manifest: dict) -> tuple[list[dict], dict[str, torch.Tensor]]:

@@ -38,6 +38,7 @@ from temporal_lora.corpora.views import questions_in, short_views
 from temporal_lora.data import Splits, chunk_documents, dedupe, split_documents
 from temporal_lora.errors import CorpusError, FetchError, InputError
 from temporal_lora.model import TemporalLoRA
+from temporal_lora.routing.abstain import choose_from_replay
 from temporal_lora.routing.features import (
     pool_prefixes,
     prefix_features,
@@ -45,8 +46,9 @@ from temporal_lora.routing.features import (
     token_features,
 )
 from temporal_lora.routing.gating import GatingNetwork, fit_router
-from temporal_lora.routing.lexical import fit_router_lexical, hashed_rows
+from temporal_lora.routing.lexical import decode_rows, fit_router_lexical, hashed_rows
 from temporal_lora.routing.replay import text_features
+from temporal_lora.storage import DEFAULT_EXAMPLE_WEIGHT, example_id
 from temporal_lora.text import pad_batch, pad_id, separator_id, tokenize
 
 TRAIN_INITS = ("base", "shared")
@@ -351,6 +353,26 @@ def train_router(tl_model, tokenizer, spec: str, domain_chunks: dict[str, tuple[
                  "prefix_lengths": lengths, **summary}
 
 
+def choose_abstain(tl: TemporalLoRA, out_of_scope: list[str]) -> None:
+    """Choose a trained bundle's abstain threshold on its calibration rows and the out-of-scope
+    texts (routing/abstain.py), and keep those texts as route examples of 'none' (no router class:
+    the rows every later refit chooses the threshold on again)."""
+    texts = list(dict.fromkeys(t.strip() for t in out_of_scope if t.strip()))
+    ids = tl.encode(texts) if texts else []
+    feats = tl.route_features(ids) if ids else None
+    lengths = tl.info["router_training"]["prefix_lengths"]
+    shown = decode_rows(tl.tokenizer, [seq[: tl.router_config.max_tokens] for seq in ids])
+    threshold, report = choose_from_replay(tl.router, tl.replay, lengths, feats, lexical=tl.lexical,
+                                           lexical_rows=tl.lexical_replay, oos_texts=shown)
+    tl.router_config.abstain_threshold = threshold
+    tl.info["router_training"]["abstain"] = report
+    if texts:
+        items = [{"id": example_id("none", t), "domain": "none", "text": t} for t in texts]
+        # float16, as stored: a later refit reads them back so and must choose the same threshold
+        tl.examples = (items, {i["id"]: f.to(torch.float16) for i, f in zip(items, feats, strict=True)},
+                       DEFAULT_EXAMPLE_WEIGHT)
+
+
 def train_bundle(
     domains: list[str],
     out: str | Path,
@@ -360,7 +382,8 @@ def train_bundle(
     budget: str | None = None,
     seed: int | None = None,
     router_features: str | None = None,
-    abstain_threshold: float | None = None,
+    abstain_threshold: float | str | None = None,
+    out_of_scope: list[str] | None = None,
     config: TrainConfig | None = None,
     init: str = "base",
     run: RunContext | None = None,
@@ -377,6 +400,10 @@ def train_bundle(
     budget or seed that disagrees with a given config is an InputError (config.settings_for), never
     silently dropped. `router_features` and `abstain_threshold` are applied over either. `run` says
     how to report (progress bars, log lines); `progress`/`log`, if given, override its fields.
+
+    `abstain_threshold="auto"` chooses the threshold on validation data (routing/abstain.py): the
+    domains' calibration rows and `out_of_scope` (texts no domain should answer), which the bundle
+    keeps as route examples of 'none' so that every later refit chooses it again the same way.
     """
     if init not in TRAIN_INITS:
         raise InputError(f"unknown init {init!r}; choose from {', '.join(TRAIN_INITS)}")
@@ -389,7 +416,14 @@ def train_bundle(
     check_output_dir(out)
     cfg = settings_for(config, budget, seed, PRESETS)
     run = RunContext.of(run, progress=progress, log=log)
-    overrides = {k: v for k, v in (("features", router_features), ("abstain_threshold", abstain_threshold))
+    if isinstance(abstain_threshold, str) and abstain_threshold != "auto":
+        raise InputError(f"abstain threshold must be a number or 'auto', not {abstain_threshold!r}")
+    auto = abstain_threshold == "auto"
+    if out_of_scope and not auto:
+        raise InputError("out-of-scope texts choose the abstain threshold: pass abstain_threshold='auto' with them")
+    overrides = {k: v for k, v in (("features", router_features),
+                                   ("abstain_threshold", None if auto else abstain_threshold),
+                                   ("abstain_auto", True if auto else None))
                  if v is not None and v != ""}
     if overrides:  # a copy: the caller's config stays as it was
         cfg = replace(cfg, router=replace(cfg.router, **overrides))
@@ -468,6 +502,8 @@ def train_bundle(
                                    base_fingerprint=base_fp)
         tl.replay = replay
         tl.lexical, tl.lexical_replay = lexical.get("head"), lexical.get("rows")
+        if cfg.router.abstain_auto:
+            choose_abstain(tl, out_of_scope or [])
         t0 = time.perf_counter()
         # Under `accelerate launch` every process gets here with identical weights; one writes
         # (the others wait for it at the barrier below before returning).

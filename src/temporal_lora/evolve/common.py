@@ -19,6 +19,7 @@ from temporal_lora.backbone import fingerprint, load_backbone
 from temporal_lora.bundle import read_manifest
 from temporal_lora.config import PRESETS, RouterConfig, RunContext, TrainConfig, settings_for
 from temporal_lora.errors import BaseModelMismatchError, BundleError
+from temporal_lora.routing.abstain import choose_from_replay
 from temporal_lora.routing.lexical import fit_router_lexical, hash_texts, hashed_rows
 from temporal_lora.storage import read_lexical
 from temporal_lora.train import DomainData, conversation_tokens, training_rows
@@ -145,3 +146,17 @@ def refit_lexical(bundle: Path, manifest: dict, router, replay: dict, domains: l
     head, summary = fit_router_lexical(router, {d: replay[d] for d in domains}, rows, seed=seed,
                                        examples=hashed_ex, example_weight=example_weight, settings=old.settings)
     return head, rows, summary
+
+
+def rechoose_abstain(router_config: dict, router, replay: dict, lengths: list[int], lexical: tuple,
+                     examples: list[dict], feats: dict) -> tuple[dict, dict | None]:
+    """After a refit: with `abstain_auto` in the bundle's router config, the threshold chosen again
+    on the kept domains' calibration rows and the stored out-of-scope examples (domain 'none').
+    Returns (router config changes, report); ({}, None) when the bundle's threshold is fixed."""
+    if not router_config.get("abstain_auto"):
+        return {}, None
+    oos = [i for i in examples if i["domain"] == "none"]
+    oos_feats = torch.stack([feats[i["id"]].float() for i in oos]) if oos else None
+    threshold, report = choose_from_replay(router, replay, lengths, oos_feats, lexical=lexical[0],
+                                           lexical_rows=lexical[1], oos_texts=[i["text"] for i in oos])
+    return {"abstain_threshold": threshold}, report

@@ -28,12 +28,14 @@ from temporal_lora.evolve.common import (
     check_kept,
     load_base_for,
     place_adapter,
+    rechoose_abstain,
     refit_lexical,
 )
 from temporal_lora.evolve.warm_start import check_init, router_affinity, warm_start
 from temporal_lora.routing.gating import GatingNetwork, fit_router
 from temporal_lora.routing.replay import domain_features, replay_accuracy
 from temporal_lora.storage import (
+    DEFAULT_EXAMPLE_WEIGHT,
     ROUTER_DIR,
     SPLITS_FILE,
     examples_by_domain,
@@ -132,6 +134,8 @@ def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None,
                                     new_rows={name: new_rows}, tokenizer=add.tokenizer, examples=ex_items,
                                     example_weight=ex_weight)
             router_summary["lexical"] = lexical[2]
+            abstain, router_summary["abstain"] = rechoose_abstain(manifest["router"]["config"], router, replay,
+                                                                  lengths, lexical, ex_items, ex_feats)
 
         labels = {d: i for i, d in enumerate(old_domains)}
         old_replay = {d: replay[d] for d in old_domains}
@@ -148,6 +152,7 @@ def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None,
             new["domains"] = domains
             new["adapters"][name] = place_adapter(work / name, tmp, f"adapters/{name}", training)
             _write_refit(tmp, new, router, router_summary, replay, domains, lengths, splits, lexical)
+            new["router"]["config"].update(abstain)
             write_examples(tmp, new, ex_items, ex_feats, ex_weight)
             return new
 
@@ -196,6 +201,9 @@ def remove_domain(bundle: str | Path, name: str, *, base: str | None = None, run
     lexical = refit_lexical(bundle, manifest, router, replay, domains, seed=own.seed, examples=ex_items,
                             example_weight=ex_weight)
     router_summary["lexical"] = lexical[2]
+    abstain, router_summary["abstain"] = rechoose_abstain(manifest["router"]["config"], router,
+                                                          {d: replay[d] for d in domains}, lengths, lexical,
+                                                          ex_items, ex_feats)
     router_seconds = time.perf_counter() - t0
     labels = {d: i for i, d in enumerate(domains)}
     after = replay_accuracy(router, {d: replay[d] for d in domains}, labels)
@@ -209,6 +217,7 @@ def remove_domain(bundle: str | Path, name: str, *, base: str | None = None, run
         if name in new.get("subdomains", {}):  # its subdomains go with it (their files are not copied)
             del new["subdomains"][name]
         _write_refit(tmp, new, router, router_summary, replay, domains, lengths, splits, lexical)
+        new["router"]["config"].update(abstain)
         write_examples(tmp, new, ex_items, ex_feats, ex_weight)
         return new
 
@@ -220,10 +229,11 @@ def remove_domain(bundle: str | Path, name: str, *, base: str | None = None, run
 
 # ------------------------------------------------------------------------------------------ helpers
 def _examples(bundle: Path, manifest: dict, domains: list[str]) -> tuple[list[dict], dict, float]:
-    """The user's route examples of the domains kept (an example of a removed domain goes with it)."""
+    """The user's route examples of the domains kept (an example of a removed domain goes with it)
+    and the out-of-scope ones (domain 'none')."""
     items, feats = read_examples(bundle, manifest)
-    weight = float((manifest["router"].get("examples") or {}).get("weight", 20.0))
-    return [i for i in items if i["domain"] in domains], feats, weight
+    weight = float((manifest["router"].get("examples") or {}).get("weight", DEFAULT_EXAMPLE_WEIGHT))
+    return [i for i in items if i["domain"] in domains or i["domain"] == "none"], feats, weight
 
 
 def _replay(bundle: Path, manifest: dict, model, tokenizer, cfg: TrainConfig, base: str | None = None):
