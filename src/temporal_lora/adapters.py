@@ -14,7 +14,7 @@ from temporal_lora.config import AdapterConfig, RunContext, TrainConfig
 from temporal_lora.conversations import pad_examples
 
 # Domain names are also PEFT adapter names and server model names; these would collide.
-RESERVED_NAMES = ("default", "base", "auto")
+RESERVED_NAMES = ("default", "base", "auto", "none")  # "none": out-of-scope examples (tlora examples)
 
 
 def distributed_state():

@@ -71,10 +71,38 @@ def cmd_train(args) -> None:
     from temporal_lora.train import train_bundle
 
     data = dict(parse_data_spec(spec) for spec in args.data)
+    abstain, extra = args.abstain_threshold, {}
+    if args.out_of_scope is not None:
+        if abstain not in (None, "auto"):
+            raise InputError("--out-of-scope texts choose the abstain threshold: use them with --abstain auto, "
+                             "not a fixed number")
+        abstain, extra["out_of_scope"] = "auto", _out_of_scope(args.out_of_scope)
     tl = train_bundle(_domains(args.domains), args.out, base=args.base, data=data, budget=args.budget,
                       seed=args.seed, router_features=args.router_features,
-                      abstain_threshold=args.abstain_threshold, init=args.init)
+                      abstain_threshold=abstain, init=args.init, **extra)
     print(f"bundle written to {args.out} (domains: {', '.join(tl.domains)}; router: {tl.feature_spec})")
+
+
+def _out_of_scope(path: Path) -> list[str]:
+    """Texts no domain should answer: a .txt file (one per line) or JSONL with a 'text' field."""
+    from temporal_lora.corpora.user import load_user_corpus
+
+    if path.suffix.lower() not in (".txt", ".jsonl"):
+        raise InputError(f"--out-of-scope {path}: give a .txt file (one text per line) or a .jsonl file")
+    texts = [doc.text for doc in load_user_corpus(path)]
+    if not texts:
+        raise InputError(f"--out-of-scope {path} has no texts")
+    return texts
+
+
+def abstain_value(text: str) -> float | str:
+    """--abstain's value: 'auto' or a probability."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {text!r}") from None
 
 
 def cmd_route(args) -> None:
@@ -229,7 +257,8 @@ def cmd_examples(args) -> None:
             from temporal_lora.corpora import read_jsonl_texts
 
             texts += read_jsonl_texts(args.jsonl)
-        report = add_examples(args.bundle, args.domain, texts, weight=args.weight, base=args.base)
+        report = add_examples(args.bundle, args.domain, texts, weight=args.weight, base=args.base,
+                              abstain=args.abstain)
     else:
         report = remove_examples(args.bundle, args.ids, domain=args.domain)
     report.pop("router_training", None)
@@ -430,7 +459,11 @@ COMMANDS: dict[str, Command] = {
         budget("quick"),
         seed(0),
         setting(CONFIG, "RouterConfig", "features", "--router-features", default=None),
-        setting(CONFIG, "RouterConfig", "abstain_threshold", type=float, default=None),
+        arg("--abstain", "--abstain-threshold", dest="abstain_threshold", type=abstain_value, default=None,
+            metavar="auto|P", help="confidence below which the base model answers: a number P (default 0: "
+                                    "never), or auto: chosen on validation data (and --out-of-scope texts)"),
+        arg("--out-of-scope", type=Path, default=None, metavar="FILE",
+            help="texts no domain should answer (.txt, one per line, or JSONL with 'text'); implies --abstain auto"),
     )),
     "route": Command("route texts; one JSON object per input on stdout", cmd_route, (
         BUNDLE,
@@ -526,17 +559,21 @@ COMMANDS: dict[str, Command] = {
                         cmd_examples, dest="examples_command", actions={
         "add": Command("add example texts for a domain and refit the router", args=(
             BUNDLE,
-            arg("--domain", required=True),
+            arg("--domain", required=True, help="a domain, or none: out-of-scope texts (they set the abstain "
+                                                "threshold in bundles with --abstain auto)"),
             arg("texts", nargs="*", metavar="TEXT"),
             arg("--jsonl", type=Path, help="JSONL with a 'text' field per line (and optional 'domain')"),
             arg("--weight", type=float, default=None, help="how many replay rows one example counts as (default 20)"),
+            arg("--abstain", choices=["auto"], default=None,
+                help="from now on choose the abstain threshold at every refit (in-scope validation rows + 'none' "
+                     "examples)"),
             BASE,
         )),
         "list": Command("list the bundle's examples (JSON lines)", args=(BUNDLE,)),
         "remove": Command("remove examples by id (or all of --domain) and refit the router", args=(
             BUNDLE,
             arg("ids", nargs="*", metavar="ID"),
-            arg("--domain", default=None),
+            arg("--domain", default=None, help="remove every example of this domain (none: the out-of-scope ones)"),
         )),
     }),
     "remove-domain": Command("drop one domain's adapter and refit the router; new version", cmd_remove_domain, (

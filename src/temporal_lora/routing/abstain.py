@@ -110,3 +110,88 @@ def _keep_correct(correct_conf: torch.Tensor, keep: float) -> float:
         return 0.0
     need = max(1, math.ceil(keep * len(correct_conf) - 1e-9))
     return float(correct_conf.sort(descending=True).values[need - 1])
+
+
+# ------------------------------------------------------------------------------------------ from a router's memory
+def replay_calibration(features: dict[str, dict[str, torch.Tensor]],
+                       lengths: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The in-scope validation rows of a replay memory (routing/replay.py's layout) and their labels
+    (the class's position in `features`): each class's "calib" rows at the longest prefix length
+    (whole windows, as a full prompt is read) and its "short_calib" rows (short texts) where stored."""
+    x, y = [], []
+    for label, f in enumerate(features.values()):
+        rows = _longest(f["calib"], lengths)
+        if "short_calib" in f:
+            rows = torch.cat([rows, f["short_calib"].float()])
+        x.append(rows)
+        y.append(torch.full((len(rows),), label, dtype=torch.long))
+    return torch.cat(x), torch.cat(y)
+
+
+def _longest(calib: torch.Tensor, lengths: list[int] | None) -> torch.Tensor:
+    return calib[_longest_at(calib.shape[0], lengths)].float()
+
+
+def _longest_at(n_lengths: int, lengths: list[int] | None) -> int:
+    """The index of the longest prefix length (the last one where the lengths are not given)."""
+    return lengths.index(max(lengths)) if lengths else n_lengths - 1
+
+
+def lexical_calibration(rows: dict, features: dict[str, dict[str, torch.Tensor]], lengths: list[int] | None = None):
+    """The hashed counts (routing/lexical.py's replay memory) of `replay_calibration`'s rows, same order:
+    a class's "calib" counts are [L * m] rows flattened length by length."""
+    import scipy.sparse as sp
+
+    out = []
+    for name, f in features.items():
+        n_len, m = f["calib"].shape[0], f["calib"].shape[1]
+        at = _longest_at(n_len, lengths)
+        calib = rows[name]["calib"]
+        if calib.shape[0] != n_len * m:
+            raise InputError(f"lexical rows of {name!r} ({calib.shape[0]}) do not match its router rows ({n_len * m})")
+        out.append(calib[at * m:(at + 1) * m])
+        if "short_calib" in f:
+            out.append(rows[name]["short_calib"])
+    return sp.vstack(out).tocsr()
+
+
+@torch.no_grad()
+def router_probs(net, feats: torch.Tensor, lexical=None, counts=None) -> torch.Tensor:
+    """Calibrated probabilities as routing computes them (TemporalLoRA.router_probs): the gating
+    network `net` on pooled features, joined with the lexical head on the rows' hashed counts where
+    the bundle has one (`lexical`: routing.lexical.LexicalHead)."""
+    if lexical is None:
+        return net(feats.float())
+    z = torch.log_softmax(net.logits(feats.float()) / net.temperature, dim=-1)
+    if lexical.weight != 0.0:
+        z = z + lexical.weight * lexical.scores(counts)
+    return torch.softmax(z / lexical.temperature, dim=-1)
+
+
+def choose_from_replay(net, features: dict[str, dict[str, torch.Tensor]], lengths: list[int] | None,
+                       oos_features: torch.Tensor | None = None, *, lexical=None, lexical_rows: dict | None = None,
+                       oos_texts: list[str] | None = None, keep: float = 0.95) -> tuple[float, dict]:
+    """`choose_threshold` for a fitted router: in-scope rows from its replay memory
+    (`replay_calibration`), out-of-scope rows from pooled features [m, dim] (and, with a lexical
+    head, their texts: the first max_tokens tokens of each, decoded). With a lexical head but no
+    lexical replay memory the hidden-state head's probabilities are used, and the report says so."""
+    from temporal_lora.routing.lexical import hash_texts
+
+    x, y = replay_calibration(features, lengths)
+    joint = lexical is not None and lexical_rows is not None
+    if joint:
+        probs = router_probs(net, x, lexical, lexical_calibration(lexical_rows, features, lengths))
+    else:
+        probs = router_probs(net, x)
+    oos = None
+    if oos_features is not None and len(oos_features):
+        if joint and (oos_texts is None or len(oos_texts) != len(oos_features)):
+            raise InputError("out-of-scope rows need their texts for the router's lexical head")
+        oos = router_probs(net, oos_features, lexical, hash_texts(oos_texts, lexical.settings)) if joint \
+            else router_probs(net, oos_features)
+    threshold, report = choose_threshold(probs, y, oos, keep=keep)
+    report["probabilities"] = "hidden-state + lexical heads" if joint else (
+        "hidden-state head (no lexical replay memory)" if lexical is not None else "hidden-state head")
+    if lengths:
+        report["in_scope_rows"] = f"validation windows at {max(lengths)} tokens + short texts"
+    return threshold, report

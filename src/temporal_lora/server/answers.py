@@ -40,20 +40,43 @@ def sse(payload: dict) -> str:
 def routing_info(metrics: Metrics, unit: Unit, model: str, forced: str | None, mode: str,
                  decision: RouteDecision | None, weights: dict[str, float] | None, count: bool = True,
                  style: dict | None = None) -> dict:
-    """The `routing` object of an answer; `count` also counts the decision in the metrics."""
+    """The `routing` object of an answer; `count` also counts the decision in the metrics.
+
+    `answered_by` names what generated the answer: "base" (the plain base model: forced, or the
+    router abstained), else the adapter with a non-zero weight (several joined by '+', largest
+    weight first, in soft/top-k mixes). An abstention also carries a `note` saying why."""
     chosen = forced if forced else (decision.domain if decision and decision.domain else "base")
+    abstained = bool(decision and decision.abstained)
     info = {"model": model, "domain": chosen, "mode": "forced" if forced else mode, "routed": forced is None,
-            "abstained": bool(decision and decision.abstained), "confidence": None, "probs": None,
-            "weights": weights, "bundle_version": unit.version}
+            "abstained": abstained, "answered_by": answered_by(chosen, weights, abstained),
+            "confidence": None, "probs": None, "weights": weights, "bundle_version": unit.version}
     if style is not None:  # routing/styles.py StyleChoice: requested, style used, note
         info["style"] = style
     if decision is not None:
         info.update(confidence=decision.confidence, probs=decision.probs)
+    if abstained:
+        tl = getattr(unit, "tl", None)
+        threshold = tl.router_config.abstain_threshold if tl is not None else None
+        info["note"] = abstain_note(decision.confidence, threshold)
     if count:
         metrics.routes.labels(chosen, "routed" if forced is None else "forced").inc()
         if info["abstained"]:
             metrics.abstentions.inc()
     return info
+
+
+def answered_by(chosen: str, weights: dict[str, float] | None, abstained: bool) -> str:
+    """"base" or the adapter(s) that answer (see routing_info)."""
+    if abstained or chosen == "base":
+        return "base"
+    used = sorted(((w, n) for n, w in (weights or {}).items() if w > 0), key=lambda x: -x[0])
+    return "+".join(n for _, n in used) if used else chosen
+
+
+def abstain_note(confidence: float, threshold: float | None) -> str:
+    """Why the base model answered an abstained request."""
+    below = f" below the abstain threshold {threshold:.3f}" if threshold is not None else " below the abstain threshold"
+    return f"no domain matched: router confidence {confidence:.3f} is{below}; the base model answered"
 
 
 def route_answer(rows: list[dict], version: int) -> Answer:
