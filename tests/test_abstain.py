@@ -14,6 +14,7 @@ from support.serving import load_served, pick_domain_texts, running
 from temporal_lora.cli import main
 from temporal_lora.errors import InputError
 from temporal_lora.routing.abstain import choose_threshold, in_scope_and_oos
+from temporal_lora.routing.lexical import hash_texts
 
 
 def rows(confidences: list[float], correct: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +186,7 @@ def _recomputed_threshold(bundle) -> tuple[float, dict]:
         if oos:
             of = torch.stack([feats[i["id"]].float() for i in oos])
             lp = torch.log_softmax(tl.router.logits(of) / tl.router.temperature, -1)
-            oos_probs = tl.lexical.combine(lp, [i["text"] for i in oos])
+            oos_probs = tl.lexical.combine(lp, hash_texts([i["text"] for i in oos], tl.lexical.settings))
     return choose_threshold(probs, torch.cat(y), oos_probs)
 
 

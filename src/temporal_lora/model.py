@@ -40,7 +40,7 @@ from temporal_lora.routing.decisions import (
 )
 from temporal_lora.routing.gating import GatingNetwork
 from temporal_lora.routing.hierarchy import Hierarchy, adapter_name, route_name
-from temporal_lora.routing.lexical import LexicalHead, decode_rows
+from temporal_lora.routing.lexical import LexicalHead, decode_rows, hash_texts, joint_probs
 from temporal_lora.routing.replay import text_features
 from temporal_lora.routing.styles import Styles
 from temporal_lora.sampling import eos_ids
@@ -310,9 +310,8 @@ class TemporalLoRA:
         inputs' words (the same first max_tokens tokens, decoded)."""
         if self.lexical is None:
             return self.router(feats)
-        log_probs = torch.log_softmax(self.router.logits(feats) / self.router.temperature, dim=-1)
         texts = decode_rows(self.tokenizer, [seq[: self.router_config.max_tokens] for seq in ids])
-        return self.lexical.combine(log_probs, texts)
+        return joint_probs(self.router, feats, self.lexical, hash_texts(texts, self.lexical.settings))
 
     def decisions(self, probs: torch.Tensor) -> list[RouteDecision]:
         return decide(probs, self.domains, self.router_config.abstain_threshold)

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import math
 
+import scipy.sparse as sp
 import torch
 
 from temporal_lora.errors import InputError
+from temporal_lora.routing.lexical import hash_texts, joint_probs
 
 RULE_OOS = "in-scope + out-of-scope"
 
@@ -140,8 +142,6 @@ def _longest_at(n_lengths: int, lengths: list[int] | None) -> int:
 def lexical_calibration(rows: dict, features: dict[str, dict[str, torch.Tensor]], lengths: list[int] | None = None):
     """The hashed counts (routing/lexical.py's replay memory) of `replay_calibration`'s rows, same order:
     a class's "calib" counts are [L * m] rows flattened length by length."""
-    import scipy.sparse as sp
-
     out = []
     for name, f in features.items():
         n_len, m = f["calib"].shape[0], f["calib"].shape[1]
@@ -155,19 +155,6 @@ def lexical_calibration(rows: dict, features: dict[str, dict[str, torch.Tensor]]
     return sp.vstack(out).tocsr()
 
 
-@torch.no_grad()
-def router_probs(net, feats: torch.Tensor, lexical=None, counts=None) -> torch.Tensor:
-    """Calibrated probabilities as routing computes them (TemporalLoRA.router_probs): the gating
-    network `net` on pooled features, joined with the lexical head on the rows' hashed counts where
-    the bundle has one (`lexical`: routing.lexical.LexicalHead)."""
-    if lexical is None:
-        return net(feats.float())
-    z = torch.log_softmax(net.logits(feats.float()) / net.temperature, dim=-1)
-    if lexical.weight != 0.0:
-        z = z + lexical.weight * lexical.scores(counts)
-    return torch.softmax(z / lexical.temperature, dim=-1)
-
-
 def choose_from_replay(net, features: dict[str, dict[str, torch.Tensor]], lengths: list[int] | None,
                        oos_features: torch.Tensor | None = None, *, lexical=None, lexical_rows: dict | None = None,
                        oos_texts: list[str] | None = None, keep: float = 0.95) -> tuple[float, dict]:
@@ -175,20 +162,18 @@ def choose_from_replay(net, features: dict[str, dict[str, torch.Tensor]], length
     (`replay_calibration`), out-of-scope rows from pooled features [m, dim] (and, with a lexical
     head, their texts: the first max_tokens tokens of each, decoded). With a lexical head but no
     lexical replay memory the hidden-state head's probabilities are used, and the report says so."""
-    from temporal_lora.routing.lexical import hash_texts
-
     x, y = replay_calibration(features, lengths)
     joint = lexical is not None and lexical_rows is not None
     if joint:
-        probs = router_probs(net, x, lexical, lexical_calibration(lexical_rows, features, lengths))
+        probs = joint_probs(net, x, lexical, lexical_calibration(lexical_rows, features, lengths))
     else:
-        probs = router_probs(net, x)
+        probs = joint_probs(net, x)
     oos = None
     if oos_features is not None and len(oos_features):
         if joint and (oos_texts is None or len(oos_texts) != len(oos_features)):
             raise InputError("out-of-scope rows need their texts for the router's lexical head")
-        oos = router_probs(net, oos_features, lexical, hash_texts(oos_texts, lexical.settings)) if joint \
-            else router_probs(net, oos_features)
+        oos = joint_probs(net, oos_features, lexical, hash_texts(oos_texts, lexical.settings)) if joint \
+            else joint_probs(net, oos_features)
     threshold, report = choose_threshold(probs, y, oos, keep=keep)
     report["probabilities"] = "hidden-state + lexical heads" if joint else (
         "hidden-state head (no lexical replay memory)" if lexical is not None else "hidden-state head")

@@ -89,12 +89,20 @@ class LexicalHead:
         x = tfidf(counts[:, self.columns], self.idf)
         return torch.from_numpy(np.asarray(x @ self.coef.T) + self.intercept).float()
 
-    def combine(self, hidden_log_probs: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        """Calibrated probabilities [n, n_classes] of the two heads together."""
-        if self.weight == 0.0:
-            return torch.softmax(hidden_log_probs / self.temperature, dim=-1)
-        z = hidden_log_probs + self.weight * self.scores(hash_texts(texts, self.settings))
+    def combine(self, hidden_log_probs: torch.Tensor, counts: sp.csr_matrix) -> torch.Tensor:
+        """Calibrated probabilities [n, n_classes] of the two heads together (rows' hashed counts)."""
+        z = hidden_log_probs if self.weight == 0.0 else hidden_log_probs + self.weight * self.scores(counts)
         return torch.softmax(z / self.temperature, dim=-1)
+
+
+@torch.no_grad()
+def joint_probs(net, feats: torch.Tensor, lexical: LexicalHead | None = None,
+                counts: sp.csr_matrix | None = None) -> torch.Tensor:
+    """The router's calibrated probabilities: the gating network `net` on pooled features, joined
+    with the lexical head on the same rows' hashed counts where the bundle has one."""
+    if lexical is None:
+        return net(feats.float())
+    return lexical.combine(torch.log_softmax(net.logits(feats.float()) / net.temperature, dim=-1), counts)
 
 
 def tfidf(counts: sp.csr_matrix, idf: np.ndarray) -> sp.csr_matrix:
