@@ -421,8 +421,8 @@ BASE = arg("--base", default=None,
 THRESHOLD = arg("--abstain-threshold", type=float, default=None, metavar="P",
                 help="override the bundle's threshold: below this confidence the base model answers")
 JSON_REPORT = arg("--json", action="store_true", help="print the report as JSON")
-DATA_FILE = ("folder of .txt/.md files, or a JSONL file of documents ({'text': ...}) and/or conversations "
-             "({'messages': [...]})")
+DATA_FILE = ("folder of .txt/.md files, a .txt file of short texts (one per line), or a JSONL file of "
+             "documents ({'text': ...}) and/or conversations ({'messages': [...]})")
 
 
 def budget(default: str | None, help: str | Doc = Doc(CONFIG, "TrainConfig", "budget")) -> Arg:
@@ -451,8 +451,9 @@ COMMANDS: dict[str, Command] = {
         arg("--out", required=True, type=Path, help="bundle directory to write"),
         BASE,
         arg("--data", action="append", default=[], metavar="NAME=PATH",
-            help="corpus for a domain: folder of .txt/.md files, or JSONL whose lines are documents "
-                 "({'text': ...}) and/or conversations ({'messages': [...]}, OpenAI/TRL format) (repeatable)"),
+            help="corpus for a domain: folder of .txt/.md files, a .txt file of short texts (one per line: "
+                 "requests, questions), or JSONL whose lines are documents ({'text': ...}) and/or "
+                 "conversations ({'messages': [...]}, OpenAI/TRL format) (repeatable)"),
         arg("--init", default="base", choices=["base", "shared"],
             help="shared: first one adapter on the union of the domains (a seed phase of the same number of "
                  "steps), then every domain's adapter starts from it (default: fresh LoRAs)"),
