@@ -43,6 +43,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
               "routed vs multitask LoRA at equal compute, by steps per domain and init (crossover.json)"),
     Benchmark("generalisation", "benchmarks.generalisation", "GeneralisationSettings",
               "router accuracy in-source, on held-out sources and on questions (generalisation.json)"),
+    Benchmark("requests", "benchmarks.requests", "RequestsSettings",
+              "short requests by department and out-of-scope ones: our router vs TF-IDF / MiniLM + LR (requests.json)"),
     Benchmark("conversations", "benchmarks.conversations", "ConversationsSettings",
               "conversations as training data on the Django FAQ (styles.json: conversations)"),
     Benchmark("styles", "benchmarks.styles", "StylesSettings",
