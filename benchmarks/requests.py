@@ -97,9 +97,11 @@ def probs_by_router(tl: TemporalLoRA, texts: list[str]) -> dict[str, np.ndarray]
     ids = tl.encode(texts)
     feats = tl.route_features(ids)
     with torch.no_grad():
-        out = {"hidden": tl.router(feats), "joint": tl.router_probs(feats, ids)}
+        # float64 as the joint head computes it: float32 rounds a sure router's top probability to 1
+        hidden = torch.softmax(tl.router.logits(feats).double() / tl.router.temperature, dim=-1)
+        out = {"hidden": hidden, "joint": tl.router_probs(feats, ids)}
         if tl.lexical is not None:
-            out["lexical"] = torch.softmax(tl.lexical.scores(hash_texts(texts, tl.lexical.settings)), dim=-1)
+            out["lexical"] = torch.softmax(tl.lexical.scores(hash_texts(texts, tl.lexical.settings)).double(), dim=-1)
     return {k: v.numpy() for k, v in out.items()}
 
 
@@ -157,7 +159,7 @@ class Layout:
     oos_test: int
 
     def parts(self, probs) -> list[torch.Tensor]:
-        probs = torch.as_tensor(np.asarray(probs), dtype=torch.float32)
+        probs = torch.as_tensor(np.asarray(probs), dtype=torch.float64)
         return list(torch.split(probs, [self.val, self.oos_val, self.test, self.oos_test]))
 
 
@@ -223,7 +225,8 @@ def run(settings: RequestsSettings) -> dict:
         probs = probs_by_router(tl, everything)
         capped = capped_router(tl, 200, settings.seed)
         with torch.no_grad():
-            probs["hidden_capped_200"] = capped(tl.route_features(tl.encode(everything))).numpy()
+            logits = capped.logits(tl.route_features(tl.encode(everything))).double()
+            probs["hidden_capped_200"] = torch.softmax(logits / capped.temperature, dim=-1).numpy()
         out = {name: evaluate(p, layout, y_val, y_test) for name, p in probs.items()}
         _, _, test, oos_test = layout.parts(probs["joint"])
         out["joint_abstain_auto"] = score(test, y_test, oos_test, float(tl.router_config.abstain_threshold))

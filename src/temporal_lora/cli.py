@@ -162,6 +162,21 @@ def cmd_generate(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    answer_flags = {"--arms": args.arms, "--max-new-tokens": args.max_new_tokens, "--limit": args.limit}
+    if args.questions is None and any(v is not None for v in answer_flags.values()):
+        raise InputError(f"{', '.join(k for k, v in answer_flags.items() if v is not None)} go with --questions")
+    if args.questions is not None:
+        from temporal_lora import answers
+
+        report = answers.evaluate_answers(
+            _load(args), args.questions, args.out, arms=answers.DEFAULT_ARMS if args.arms is None else args.arms,
+            max_new_tokens=answers.DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens,
+            limit=args.limit)
+        print(answers.markdown_table(report))
+        t = report["timing"]
+        print(f"\nanswers written to {args.out}/answers.json and answers.md ({t['generated']} generated, "
+              f"{t['reused']} reused, {t['seconds']:.0f} s)")
+        return
     from temporal_lora.evaluate import evaluate_bundle, markdown_tables
 
     tl = _load(args)
@@ -501,11 +516,21 @@ COMMANDS: dict[str, Command] = {
             help="re-route every K generated tokens and switch adapters there (greedy; hard or soft)"),
         THRESHOLD,
     )),
-    "eval": Command("evaluate a bundle on its test documents; write the report", cmd_eval, (
+    "eval": Command("evaluate a bundle on its test documents (or its answers to --questions); write the report",
+                    cmd_eval, (
         BUNDLE,
         arg("--out", required=True, type=Path),
         arg("--chunks", type=int, default=None, help="test chunks per domain for perplexity"),
         arg("--router-chunks", type=int, default=100, help="test chunks per domain for routing"),
+        arg("--questions", default=None, metavar="FILE.jsonl|django-faq",
+            help="evaluate answers instead: JSONL of {\"question\", \"domain\"?, \"answer\"?, \"facts\"?: [regex]}, "
+                 "or django-faq (the built-in example: held-out Django FAQ questions); writes answers.json and "
+                 "answers.md (a rerun reuses the finished answers)"),
+        arg("--arms", default=None, metavar="ARMS",
+            help="with --questions: comma-separated arms of base, routed, oracle (and routed:STYLE, oracle:STYLE "
+                 "in bundles with styles; default base,routed,oracle)"),
+        arg("--max-new-tokens", type=int, default=None, help="with --questions: tokens per answer (default 48)"),
+        arg("--limit", type=int, default=None, metavar="N", help="with --questions: only the first N questions"),
     )),
     "demo": Command("fetch, train (quick budget), evaluate and show samples", cmd_demo, (
         arg("--out", type=Path, default=Path("runs/demo")),

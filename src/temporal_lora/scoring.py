@@ -1,8 +1,13 @@
-"""Perplexity helpers shared by the evaluation report and the benchmarks."""
+"""Scores shared by the evaluation reports and the benchmarks: perplexity helpers, and how well a
+generated answer matches a reference (SQuAD-style token F1) and a list of required facts (regexes)."""
 
 from __future__ import annotations
 
 import math
+import re
+import string
+import unicodedata
+from collections import Counter
 
 import torch
 
@@ -39,3 +44,37 @@ def routed_nll(tl, chunks: torch.Tensor, label: int, oracle: torch.Tensor, picke
     if wrong:
         nll[wrong] = tl.token_nll(chunks[wrong], one_hot([picked[i] for i in wrong], len(tl.domains)))
     return nll
+
+
+# ----------------------------------------------------------------------------------- answer scores
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def _is_punctuation(ch: str) -> bool:
+    return ch in string.punctuation or unicodedata.category(ch).startswith("P")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation: lower case, punctuation removed (ASCII as SQuAD, and any Unicode
+    punctuation), the articles a/an/the removed, whitespace collapsed."""
+    text = "".join(ch for ch in text.lower() if not _is_punctuation(ch))
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD's token F1 of a generated answer against a reference: the bag-of-tokens overlap of the
+    normalised texts (normalize_answer), harmonic mean of precision and recall; 1.0 when both are
+    empty after normalisation, 0.0 when only one is."""
+    pred, gold = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not gold:
+        return float(pred == gold)
+    same = sum((Counter(pred) & Counter(gold)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def facts_found(text: str, facts: list[str]) -> list[bool]:
+    """For each fact (a regular expression), whether it occurs anywhere in `text`, ignoring case."""
+    return [re.search(fact, text, re.IGNORECASE) is not None for fact in facts]

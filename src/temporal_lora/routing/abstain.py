@@ -54,12 +54,12 @@ def in_scope_and_oos(probs: torch.Tensor, labels: torch.Tensor, oos_probs: torch
     out-of-scope rows). `probs` [n, C] and `oos_probs` [m, C] are calibrated probabilities."""
     _check(probs, labels, oos_probs)
     oos_probs = _oos(oos_probs)
-    conf, pred = probs.float().max(dim=1)
+    conf, pred = probs.double().max(dim=1)
     correct = pred == labels.long()
     kept = conf >= threshold
     recall = None
     if oos_probs is not None:
-        recall = float((oos_probs.float().max(dim=1).values < threshold).float().mean())
+        recall = float((oos_probs.double().max(dim=1).values < threshold).float().mean())
     return {"threshold": float(threshold),
             "in_scope_accuracy": float(correct.float().mean()),
             "in_scope_accuracy_at_threshold": float((correct & kept).float().mean()),
@@ -78,10 +78,10 @@ def choose_threshold(probs: torch.Tensor, labels: torch.Tensor, oos_probs: torch
         raise InputError(f"keep must be in (0, 1], got {keep}")
     _check(probs, labels, oos_probs)
     oos_probs = _oos(oos_probs)
-    conf, pred = probs.float().max(dim=1)
+    conf, pred = probs.double().max(dim=1)
     correct = pred == labels.long()
     if oos_probs is not None:
-        threshold = _best_joint(conf, correct, oos_probs.float().max(dim=1).values)
+        threshold = _best_joint(conf, correct, oos_probs.double().max(dim=1).values)
         rule = RULE_OOS
     else:
         threshold = _keep_correct(conf[correct], keep)

@@ -90,8 +90,13 @@ class LexicalHead:
         return torch.from_numpy(np.asarray(x @ self.coef.T) + self.intercept).float()
 
     def combine(self, hidden_log_probs: torch.Tensor, counts: sp.csr_matrix) -> torch.Tensor:
-        """Calibrated probabilities [n, n_classes] of the two heads together (rows' hashed counts)."""
-        z = hidden_log_probs if self.weight == 0.0 else hidden_log_probs + self.weight * self.scores(counts)
+        """Calibrated probabilities [n, n_classes] of the two heads together (rows' hashed counts).
+
+        In float64: the joint heads are often sure, and float32 rounds every probability above
+        1 - 6e-8 to exactly 1, which would leave the abstain threshold nothing to tell apart."""
+        z = hidden_log_probs.double()
+        if self.weight != 0.0:
+            z = z + self.weight * self.scores(counts).double()
         return torch.softmax(z / self.temperature, dim=-1)
 
 
@@ -102,7 +107,7 @@ def joint_probs(net, feats: torch.Tensor, lexical: LexicalHead | None = None,
     with the lexical head on the same rows' hashed counts where the bundle has one."""
     if lexical is None:
         return net(feats.float())
-    return lexical.combine(torch.log_softmax(net.logits(feats.float()) / net.temperature, dim=-1), counts)
+    return lexical.combine(torch.log_softmax(net.logits(feats.float()).double() / net.temperature, dim=-1), counts)
 
 
 def tfidf(counts: sp.csr_matrix, idf: np.ndarray) -> sp.csr_matrix:
@@ -135,7 +140,7 @@ def fit_lexical(train: sp.csr_matrix, labels: np.ndarray, calib: sp.csr_matrix, 
     y = torch.as_tensor(calib_labels, dtype=torch.long)
     best = None
     for w in WEIGHTS:
-        z = hidden_calib_log_probs.float() + w * scores
+        z = hidden_calib_log_probs.double() + w * scores.double()
         temperature, nll = fit_temperature(z, y)
         if best is None or nll < best[2] - 1e-6:
             best = (w, temperature, nll)
@@ -144,7 +149,7 @@ def fit_lexical(train: sp.csr_matrix, labels: np.ndarray, calib: sp.csr_matrix, 
         hidden_acc = float((hidden_calib_log_probs.argmax(-1) == y).float().mean())
         lexical_acc = float((scores.argmax(-1) == y).float().mean())
         joint_acc = float(((hidden_calib_log_probs + head.weight * scores).argmax(-1) == y).float().mean())
-        hidden_nll = float(nn.functional.cross_entropy(hidden_calib_log_probs.float(), y))
+        hidden_nll = float(nn.functional.cross_entropy(hidden_calib_log_probs.double(), y))
     summary = {"rows": int(train.shape[0]), "features_used": int(len(columns)), "weight": head.weight,
                "temperature": round(head.temperature, 4), "calibration_nll": round(best[2], 4),
                "calibration_nll_hidden_only": round(hidden_nll, 4),
@@ -261,6 +266,6 @@ def fit_router_lexical(net, features: dict[str, dict[str, torch.Tensor]], rows: 
             y = np.concatenate([y, np.full(m.shape[0], names.index(name))])
             weights = np.concatenate([weights, np.full(m.shape[0], float(example_weight))])
     with torch.no_grad():
-        log_probs = torch.log_softmax(net.logits(torch.cat(hidden)) / net.temperature, dim=-1)
+        log_probs = torch.log_softmax(net.logits(torch.cat(hidden)).double() / net.temperature, dim=-1)
     return fit_lexical(sp.vstack(train).tocsr(), y, sp.vstack(calib).tocsr(), np.concatenate(calib_labels),
                        log_probs, len(names), weights=weights, settings=settings, seed=seed)
