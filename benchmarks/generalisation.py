@@ -11,6 +11,9 @@ more source per domain is held out whole (the cross-source test). The router rea
     domain) plus the real questions the held-out sources and Django's FAQ ask (kept out of training).
 Features of the frozen base are computed once per (text set, layer) and cached under the work dir;
 every router variant of the ablation is trained on those cached features (no adapters needed).
+The lexical head (variant 6, routing/lexical.py) reads the rows' text instead: a window's first n
+tokens decoded, a short text or question as it is (also for the chat-template questions: the
+product's router reads the bare user message).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from benchmarks.common import Phases, hardware
@@ -37,6 +41,13 @@ from temporal_lora.data import chunk_documents, dedupe, split_documents
 from temporal_lora.questions import generate_questions
 from temporal_lora.routing.features import pool_prefixes, token_features
 from temporal_lora.routing.gating import GatingNetwork, train_gating
+from temporal_lora.routing.lexical import (
+    LexicalHead,
+    decode_rows,
+    fit_lexical,
+    hash_texts,
+    joint_probs,
+)
 from temporal_lora.text import pad_batch, pad_id
 
 LAYERS = (4, 8, 12, 16)
@@ -135,6 +146,15 @@ def _texts(domain, source, texts) -> dict:
     return {"domain": domain, "source": source, "kind": "texts", "items": list(texts)}
 
 
+def set_texts(tokenizer, item: dict) -> list:
+    """The text of each row the lexical head reads: windows: [len(EVAL_LENGTHS)][n] (each window's
+    first n tokens decoded, as the product's decode_rows; the order of the features' [L, n] rows);
+    texts: [n], the bare texts."""
+    if item["kind"] == "windows":
+        return [decode_rows(tokenizer, [w[:n] for w in item["items"]]) for n in EVAL_LENGTHS]
+    return list(item["items"])
+
+
 # ------------------------------------------------------------------------------------------ features
 @torch.no_grad()
 def set_features(model, tokenizer, item: dict, *, chat: bool = False, batch_size: int = 16) -> dict[int, torch.Tensor]:
@@ -165,6 +185,17 @@ def set_features(model, tokenizer, item: dict, *, chat: bool = False, batch_size
 # ------------------------------------------------------------------------------------------ routers
 def _x(feats: dict[int, torch.Tensor], layers: tuple[int, ...]) -> torch.Tensor:
     return torch.cat([feats[layer].float() for layer in layers], dim=-1)
+
+
+def _row_texts(feats, texts, names) -> list[str]:
+    """The texts of `_rows`' rows, in its order (windows: flattened as the features' [L, n])."""
+    out: list[str] = []
+    for name in names:
+        if name not in feats or not feats[name]:
+            continue
+        t = texts[name]
+        out += [s for per_length in t for s in per_length] if t and isinstance(t[0], list) else t
+    return out
 
 
 def _rows(sets, feats, names, layers, domains) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,6 +236,45 @@ class MlpHead:
             return self.net.logits(x).argmax(-1)
 
 
+class LexicalJointHead:
+    """An MLP head joined with the product's lexical head, as fit_router_lexical does it: logistic
+    regression on hashed n-grams of the same training rows (class-balanced), weight and temperature
+    of the product of experts fitted on the calibration rows. `alone`: the lexical scores only."""
+
+    reads_text = True
+
+    def __init__(self, mlp: MlpHead, x_texts: list[str], y: torch.Tensor, cx: torch.Tensor,
+                 c_texts: list[str], cy: torch.Tensor, n: int, seed: int = 0):
+        self.mlp, self.alone = mlp, False
+        labels = y.numpy()
+        weights = (len(labels) / (n * np.bincount(labels, minlength=n).astype(np.float64)))[labels]
+        with torch.no_grad():
+            hidden = torch.log_softmax(mlp.net.logits(cx) / mlp.net.temperature, dim=-1)
+        self.lexical: LexicalHead
+        self.lexical, self.summary = fit_lexical(hash_texts(x_texts), labels, hash_texts(c_texts), cy.numpy(),
+                                                 hidden, n, weights=weights, seed=seed)
+
+    def lexical_alone(self) -> LexicalJointHead:
+        head = object.__new__(LexicalJointHead)
+        head.__dict__.update(self.__dict__, alone=True)
+        return head
+
+    def predict(self, x, texts: list[str]):
+        counts = hash_texts(texts, self.lexical.settings)
+        if self.alone:
+            return self.lexical.scores(counts).argmax(-1)
+        return joint_probs(self.mlp.net, x, self.lexical, counts).argmax(-1)
+
+
+def _predict(head, x: torch.Tensor, texts: list[str] | None) -> torch.Tensor:
+    """A head's routes for rows (features `x`, and their `texts` for a head that reads them)."""
+    if getattr(head, "reads_text", False):
+        if texts is None or len(texts) != len(x):
+            raise ValueError("this router head reads the rows' text: give the texts of the same rows")
+        return head.predict(x, texts)
+    return head.predict(x)
+
+
 def train_names(sets, variant: dict) -> tuple[list[str], list[str]]:
     """The sets a router variant trains on and calibrates on."""
     train, calib = [], []
@@ -231,17 +301,26 @@ def _primary(source: str) -> bool:
     return source in PRIMARY.values()
 
 
-def evaluate_head(head, sets, feats, layers, domains, chat_feats=None) -> dict:
+def _set_rows(feats, texts, name, layers, length_index=None):
+    """A set's features (at one prefix length for windows) and, with `texts`, their texts."""
+    x = _x(feats[name], layers)
+    t = texts.get(name) if texts is not None else None
+    if x.dim() == 3:
+        x = x[length_index]
+        t = t[length_index] if t is not None else None
+    return x, t
+
+
+def evaluate_head(head, sets, feats, layers, domains, chat_feats=None, texts=None) -> dict:
+    """Accuracies of a fitted head; `texts` ({set: set_texts}) for a head that reads the rows' text."""
     def acc(names, length_index=None):
         hit = tot = 0
         for name in names:
             if name not in feats or not feats[name]:
                 continue
-            x = _x(feats[name], layers)
-            if x.dim() == 3:
-                x = x[length_index]
+            x, t = _set_rows(feats, texts, name, layers, length_index)
             y = domains.index(sets[name]["domain"])
-            pred = head.predict(x)
+            pred = _predict(head, x, t)
             hit += int((pred == y).sum())
             tot += len(pred)
         return round(hit / max(tot, 1), 4)
@@ -267,21 +346,22 @@ def evaluate_head(head, sets, feats, layers, domains, chat_feats=None) -> dict:
     }
     confusion = torch.zeros(len(domains), len(domains), dtype=torch.long)
     for name in cross:
-        pred = head.predict(_x(feats[name], layers)[li[128]])
+        pred = _predict(head, *_set_rows(feats, texts, name, layers, li[128]))
         for p in pred.tolist():
             confusion[domains.index(sets[name]["domain"]), p] += 1
     out["confusion_cross_128"] = {d: dict(zip(domains, confusion[i].tolist(), strict=True))
                                   for i, d in enumerate(domains)}
     if chat_feats is not None:
-        out["questions_chat_template"] = acc_chat(head, sets, chat_feats, layers, domains, questions)
+        out["questions_chat_template"] = acc_chat(head, sets, chat_feats, layers, domains, questions, texts)
     return out
 
 
-def acc_chat(head, sets, chat_feats, layers, domains, names) -> float:
+def acc_chat(head, sets, chat_feats, layers, domains, names, texts=None) -> float:
+    """Accuracy on chat-formatted questions; a text-reading head reads the bare question."""
     hit = tot = 0
     for name in names:
         if name in chat_feats and chat_feats[name]:
-            pred = head.predict(_x(chat_feats[name], layers))
+            pred = _predict(head, *_set_rows(chat_feats, texts, name, layers))
             hit += int((pred == domains.index(sets[name]["domain"])).sum())
             tot += len(pred)
     return round(hit / max(tot, 1), 4)
@@ -313,13 +393,19 @@ VARIANTS = [
     {"change": "5i layer 12, linear head", **_ALL, "layers": (12,), "head": "mlp", "router": {"hidden_dim": 0}},
     {"change": "5j layers 8+12, weight decay 0.1", **_ALL, "layers": (8, 12), "head": "mlp",
      "router": {"weight_decay": 0.1}},
+    # 5d's MLP joined with the lexical head as the product does it (routing/lexical.py), and that
+    # lexical head alone (the same fit: the ablation reuses 6's).
+    {"change": "6 layers 8+12 + lexical head", **_ALL, "layers": (8, 12), "head": "lexical"},
+    {"change": "6a lexical head alone (6's n-grams, no hidden states)", **_ALL, "layers": (8, 12),
+     "head": "lexical_alone", "of": "6 layers 8+12 + lexical head"},
 ]
 
 
 KEPT = "5d layers 8+12"
 
 
-def fit_variant(sets, feats, variant, domains, seed=0, extra=None):
+def fit_variant(sets, feats, variant, domains, seed=0, extra=None, texts=None):
+    """A variant's head fitted on its training rows; `texts` ({set: set_texts}) for the lexical heads."""
     train, calib = train_names(sets, variant)
     layers = variant["layers"]
     x, y = _rows(sets, feats, train, layers, domains)
@@ -332,7 +418,14 @@ def fit_variant(sets, feats, variant, domains, seed=0, extra=None):
     if variant["head"] == "prototype":
         return PrototypeHead(x, y, len(domains))
     cfg = RouterConfig(**variant.get("router", {}))
-    return MlpHead(x, y, cx, cy, len(domains), weights=weights, seed=seed, cfg=cfg)
+    mlp = MlpHead(x, y, cx, cy, len(domains), weights=weights, seed=seed, cfg=cfg)
+    if variant["head"] == "mlp":
+        return mlp
+    if extra is not None or texts is None:
+        raise ValueError("a lexical head needs the rows' texts (and takes no extra feature rows)")
+    head = LexicalJointHead(mlp, _row_texts(feats, texts, train), y, cx, _row_texts(feats, texts, calib), cy,
+                            len(domains), seed=seed)
+    return head.lexical_alone() if variant["head"] == "lexical_alone" else head
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -382,6 +475,7 @@ def run_generalisation(out: str | Path, *, work: str | Path | None = None, base:
         generated = {k: generated[k] | more[k] for k in ("sets", "stats")}
         phases.put("generated_questions", generated)
     sets.update(generated["sets"])
+    texts = {name: set_texts(tokenizer, item) for name, item in sets.items()}  # what the lexical head reads
     feats, chat_feats = {}, {}
     from safetensors.torch import load_file, save_file
 
@@ -404,13 +498,17 @@ def run_generalisation(out: str | Path, *, work: str | Path | None = None, base:
             store[name] = {int(k): v for k, v in load_file(str(path)).items()} if path.is_file() else {}
 
     def ablation() -> dict:
-        rows = []
+        rows, fitted = [], {}
         for v in VARIANTS:
-            head = fit_variant(sets, feats, v, domains)
-            res = evaluate_head(head, sets, feats, v["layers"], domains, chat_feats=chat_feats)
+            if v.get("of") in fitted:  # the lexical head alone: the same fit as the joint head's
+                head = fitted[v["of"]].lexical_alone()
+            else:
+                head = fitted[v["change"]] = fit_variant(sets, feats, v, domains, texts=texts)
+            res = evaluate_head(head, sets, feats, v["layers"], domains, chat_feats=chat_feats, texts=texts)
             log(f"[bench] {v['change']}: cross128 {res['cross_source']['128']} cross32 {res['cross_source']['32']} "
                 f"questions {res['questions']} in64 {res['in_source']['64']}")
-            rows.append({"change": v["change"], "layers": list(v["layers"]), "head": v["head"], **res})
+            lexical = {"lexical": head.summary} if isinstance(head, LexicalJointHead) else {}
+            rows.append({"change": v["change"], "layers": list(v["layers"]), "head": v["head"], **res, **lexical})
         return {"rows": rows}
 
     ab = phases.run("ablation", ablation)
@@ -531,6 +629,15 @@ def render_markdown(r: dict) -> str:
                      f"{a['cross_source_short_views']:.1%} | {a['questions']:.1%} | "
                      f"{(a['questions_chat_template'] or 0):.1%} | {a['questions_generated_cross_source']:.1%} | "
                      f"{a['in_source_16']:.1%} | {a['in_source_64']:.1%} |")
+    for d in r.get("ablation_detail", []):
+        if d.get("head") == "lexical" and "lexical" in d:
+            lx = d["lexical"]
+            cal = lx["calibration_accuracy"]
+            lines += ["", f"Lexical head ({d['change'].split()[0]}): {lx['rows']} training rows, "
+                      f"{lx['features_used']} hashed n-grams; weight {lx['weight']:g}, temperature "
+                      f"{lx['temperature']:g} (calibration rows: hidden {cal['hidden']:.1%}, lexical "
+                      f"{cal['lexical']:.1%}, joint {cal['joint']:.1%}; NLL {lx['calibration_nll_hidden_only']} "
+                      f"-> {lx['calibration_nll']})."]
     lines += ["", f"Kept (the library's default router): **{r['kept']}**.", "", "## Accuracy by input length (tokens)", "",
               "| set | " + " | ".join(str(n) for n in EVAL_LENGTHS) + " |", "|---|" + "---:|" * len(EVAL_LENGTHS)]
     for label, key, src in (("in-source, before", "in_source", r["before"]), ("in-source, kept", "in_source", r),

@@ -14,7 +14,7 @@ from support.serving import load_served, pick_domain_texts, running
 from temporal_lora.cli import main
 from temporal_lora.errors import InputError
 from temporal_lora.routing.abstain import choose_threshold, in_scope_and_oos
-from temporal_lora.routing.lexical import hash_texts
+from temporal_lora.routing.lexical import hash_texts, no_surer_than
 
 
 def rows(confidences: list[float], correct: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,16 +176,16 @@ def _recomputed_threshold(bundle) -> tuple[float, dict]:
         counts += [tl.lexical_replay[d]["calib"][-m:], tl.lexical_replay[d]["short_calib"]]
     with torch.no_grad():
         x = torch.cat(x)
-        z = torch.log_softmax(tl.router.logits(x) / tl.router.temperature, -1)
-        z = z + tl.lexical.weight * tl.lexical.scores(sp.vstack(counts).tocsr())
-        probs = torch.softmax(z / tl.lexical.temperature, -1)
+        lp_in = torch.log_softmax(tl.router.logits(x).double() / tl.router.temperature, -1)
+        z = lp_in + tl.lexical.weight * tl.lexical.scores(sp.vstack(counts).tocsr()).double()
+        probs = no_surer_than(torch.softmax(z / tl.lexical.temperature, -1), lp_in.exp())
         items, feats = read_examples(bundle, read_manifest(bundle))
         oos = [i for i in items if i["domain"] == "none"]
         assert [i["text"] for i in oos] == [i["text"] for i in list_examples(bundle) if i["domain"] == "none"]
         oos_probs = None
         if oos:
             of = torch.stack([feats[i["id"]].float() for i in oos])
-            lp = torch.log_softmax(tl.router.logits(of) / tl.router.temperature, -1)
+            lp = torch.log_softmax(tl.router.logits(of).double() / tl.router.temperature, -1)
             oos_probs = tl.lexical.combine(lp, hash_texts([i["text"] for i in oos], tl.lexical.settings))
     return choose_threshold(probs, torch.cat(y), oos_probs)
 

@@ -22,7 +22,7 @@ LAYERS = [
     ["routing"],
     ["bundle", "storage", "model", "versions"],
     ["train", "evolve", "questions"],
-    ["evaluate", "scoring"],
+    ["evaluate", "scoring", "answers"],
     ["cli", "server", "demo", "export", "segments", PACKAGE],
 ]
 # The measurement lab: a package beside src/ that imports this one, never the other way round.

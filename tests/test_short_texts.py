@@ -22,6 +22,7 @@ from temporal_lora.routing.lexical import (
     fit_lexical,
     hash_texts,
     load_lexical,
+    no_surer_than,
     save_lexical,
 )
 from temporal_lora.train import train_bundle
@@ -171,3 +172,13 @@ def test_fit_lexical_weighs_the_heads_on_calibration_and_stores_safely(tmp_path)
     with pytest.raises(BundleError, match="unreadable"):
         load_lexical(tmp_path / "bad.safetensors", 2)
     assert sp.issparse(counts)
+
+
+def test_the_lexical_head_never_makes_the_router_surer_than_the_hidden_states():
+    joint = torch.tensor([[0.9, 0.05, 0.05], [0.5, 0.3, 0.2]], dtype=torch.float64)
+    hidden = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1]], dtype=torch.float64)
+    out = no_surer_than(joint, hidden)
+    assert torch.allclose(out[0], torch.tensor([0.6, (1 - 0.6) / 2, (1 - 0.6) / 2], dtype=torch.float64))
+    assert torch.equal(out[1], joint[1])  # the hidden head is surer (0.7 > 0.5): unchanged
+    assert torch.allclose(out.sum(-1), torch.ones(2, dtype=torch.float64))
+    assert out.argmax(-1).tolist() == joint.argmax(-1).tolist()

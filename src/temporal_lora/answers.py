@@ -41,7 +41,7 @@ import json
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -61,7 +61,7 @@ from temporal_lora.text import read_jsonl, tokenize
 ARMS = ("base", "routed", "oracle")
 DEFAULT_ARMS = "base,routed,oracle"
 DEFAULT_MAX_NEW_TOKENS = 48
-DEFAULT_BATCH_SIZE = 8
+DEFAULT_BATCH_SIZE = 16
 BUILTIN_QUESTIONS = ("django-faq",)
 BUILTIN_FAQ_DOMAIN = "technical"  # the built-in domain whose documents exclude the Django FAQ
 CACHE_FILE = "answers.cache.jsonl"
@@ -175,7 +175,12 @@ def builtin_questions(tl: TemporalLoRA, name: str) -> tuple[list[Question], str]
         note = (f"{name}: {BUILTIN_CONVERSATIONS[name][0]}; domain {domain}" if domain else
                 f"{name}: {BUILTIN_CONVERSATIONS[name][0]}; no domain (the bundle has no "
                 f"'{BUILTIN_FAQ_DOMAIN}' domain): no oracle arm, no routing accuracy")
-    return [conversation_question(c, d, f"{name}:{c.id}") for d, c in pairs], note
+    questions, seen = [], {}
+    for domain, conv in pairs:  # ids are the answers' keys: a repeated one gets a suffix (#2, #3, ...)
+        seen[conv.id] = seen.get(conv.id, 0) + 1
+        qid = conv.id if seen[conv.id] == 1 else f"{conv.id}#{seen[conv.id]}"
+        questions.append(replace(conversation_question(conv, domain, f"{name}:{qid}"), id=qid))
+    return questions, note
 
 
 def load_questions(tl: TemporalLoRA, source: str | Path | Sequence[dict], *,

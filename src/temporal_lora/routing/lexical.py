@@ -97,7 +97,21 @@ class LexicalHead:
         z = hidden_log_probs.double()
         if self.weight != 0.0:
             z = z + self.weight * self.scores(counts).double()
-        return torch.softmax(z / self.temperature, dim=-1)
+        return no_surer_than(torch.softmax(z / self.temperature, dim=-1), hidden_log_probs.double().exp())
+
+
+def no_surer_than(probs: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """`probs` shrunk toward uniform, row by row, so that their top probability is no higher than the
+    hidden-state head's own (`hidden`): the lexical head may change which domain wins, never make the
+    router surer than the hidden states are. A request that merely shares a department's words ("what's
+    the weather in the living room") gets a confident lexical score; the hidden states are what tell it
+    apart from the department's requests, and the abstain threshold reads this confidence. The
+    shrinking is affine, so the order of the domains, and the route, are the joint head's."""
+    k = probs.shape[-1]
+    top = probs.max(dim=-1, keepdim=True).values
+    cap = torch.minimum(top, hidden.max(dim=-1, keepdim=True).values)
+    keep = torch.where(top > 1 / k, (cap - 1 / k) / (top - 1 / k).clamp(min=1e-300), torch.ones_like(top))
+    return keep * probs + (1 - keep) / k
 
 
 @torch.no_grad()
