@@ -16,6 +16,7 @@ from temporal_lora.config import router_prefix_lengths
 from temporal_lora.corpora import Document, load_builtin, load_user_corpus
 from temporal_lora.data import chunk_documents, pack
 from temporal_lora.errors import BundleError, CorpusError
+from temporal_lora.evolve.common import rechoose_abstain
 from temporal_lora.evolve.domains import add_domain, remove_domain
 from temporal_lora.model import TemporalLoRA
 from temporal_lora.routing.lexical import (
@@ -182,3 +183,21 @@ def test_the_lexical_head_never_makes_the_router_surer_than_the_hidden_states():
     assert torch.equal(out[1], joint[1])  # the hidden head is surer (0.7 > 0.5): unchanged
     assert torch.allclose(out.sum(-1), torch.ones(2, dtype=torch.float64))
     assert out.argmax(-1).tolist() == joint.argmax(-1).tolist()
+
+
+def test_abstain_auto_keeps_the_out_of_scope_texts_and_a_refit_chooses_the_same_threshold(tiny_llama, lists,
+                                                                                          tmp_path):
+    oos = [line for line in lists["code"].read_text().splitlines() if line.strip()][:40]
+    tl = train_bundle(["literature", "legal"], tmp_path / "b", base=str(tiny_llama),
+                      data={d: lists[d] for d in ("literature", "legal")}, config=tiny_config(),
+                      abstain_threshold="auto", out_of_scope=oos, progress=False, log=lambda *a: None)
+    chosen = tl.info["router_training"]["abstain"]
+    assert chosen["rule"] == "in-scope + out-of-scope" and chosen["out_of_scope"] == len(set(oos))
+    loaded = TemporalLoRA.from_pretrained(tmp_path / "b")
+    assert loaded.router_config.abstain_auto and loaded.router_config.abstain_threshold == chosen["threshold"]
+    items, feats, _ = loaded.examples
+    assert {i["domain"] for i in items} == {"none"} and len(items) == len(set(oos))
+    lengths = loaded.info["router_training"]["prefix_lengths"]
+    change, again = rechoose_abstain({"abstain_auto": True}, loaded.router, loaded.replay, lengths,
+                                     (loaded.lexical, loaded.lexical_replay), items, feats)
+    assert change["abstain_threshold"] == chosen["threshold"]

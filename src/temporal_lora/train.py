@@ -46,7 +46,7 @@ from temporal_lora.routing.features import (
     token_features,
 )
 from temporal_lora.routing.gating import GatingNetwork, fit_router
-from temporal_lora.routing.lexical import decode_rows, fit_router_lexical, hashed_rows
+from temporal_lora.routing.lexical import fit_router_lexical, hashed_rows
 from temporal_lora.routing.replay import text_features
 from temporal_lora.storage import DEFAULT_EXAMPLE_WEIGHT, example_id
 from temporal_lora.text import pad_batch, pad_id, separator_id, tokenize
@@ -358,19 +358,19 @@ def choose_abstain(tl: TemporalLoRA, out_of_scope: list[str]) -> None:
     texts (routing/abstain.py), and keep those texts as route examples of 'none' (no router class:
     the rows every later refit chooses the threshold on again)."""
     texts = list(dict.fromkeys(t.strip() for t in out_of_scope if t.strip()))
-    ids = tl.encode(texts) if texts else []
-    feats = tl.route_features(ids) if ids else None
+    # Features as the bundle stores them (float16) and the texts as stored: every later refit
+    # chooses on exactly these rows, and so chooses the same threshold.
+    feats = tl.route_features(tl.encode(texts)).to(torch.float16) if texts else None
+    stored = {d: {part: t.to(torch.float16) for part, t in f.items()} for d, f in tl.replay.items()}
     lengths = tl.info["router_training"]["prefix_lengths"]
-    shown = decode_rows(tl.tokenizer, [seq[: tl.router_config.max_tokens] for seq in ids])
-    threshold, report = choose_from_replay(tl.router, tl.replay, lengths, feats, lexical=tl.lexical,
-                                           lexical_rows=tl.lexical_replay, oos_texts=shown)
+    threshold, report = choose_from_replay(tl.router, stored, lengths,
+                                           None if feats is None else feats.float(), lexical=tl.lexical,
+                                           lexical_rows=tl.lexical_replay, oos_texts=texts)
     tl.router_config.abstain_threshold = threshold
     tl.info["router_training"]["abstain"] = report
     if texts:
         items = [{"id": example_id("none", t), "domain": "none", "text": t} for t in texts]
-        # float16, as stored: a later refit reads them back so and must choose the same threshold
-        tl.examples = (items, {i["id"]: f.to(torch.float16) for i, f in zip(items, feats, strict=True)},
-                       DEFAULT_EXAMPLE_WEIGHT)
+        tl.examples = (items, {i["id"]: f for i, f in zip(items, feats, strict=True)}, DEFAULT_EXAMPLE_WEIGHT)
 
 
 def train_bundle(
