@@ -1,6 +1,6 @@
 """Routing short user requests to departments, and knowing when a request belongs to none (issue 25).
 
-A public intent set (benchmarks/request_set.py: Home Assistant's English intent sentences, expanded
+A public intent set (benchmarks/request_data.py: Home Assistant's English intent sentences, expanded
 with their own parser, grouped into departments, some groups held out as out-of-scope) is routed by:
 
 - our router, trained the way a user trains a bundle: `train_bundle(..., data={dept: requests.txt})`,
@@ -22,24 +22,20 @@ an interrupted run resumes.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.linear_model import LogisticRegression
 
-from benchmarks.baselines import SentenceEmbedder
 from benchmarks.common import Phases, check_recipe, hardware, write_results
 from benchmarks.flags import flag
-from benchmarks.request_set import load_requests
+from benchmarks.request_baselines import choose_threshold, latency_ms, minilm_lr, score, tfidf_lr
+from benchmarks.request_data import load_requests
 from temporal_lora.config import TrainConfig
 from temporal_lora.evolve.common import rechoose_abstain
 from temporal_lora.model import TemporalLoRA
-from temporal_lora.routing.abstain import choose_threshold, in_scope_and_oos
 from temporal_lora.routing.gating import fit_router
 from temporal_lora.routing.lexical import hash_texts
 from temporal_lora.routing.likelihood import (
@@ -125,30 +121,6 @@ def split_texts(data, part: str) -> tuple[list[str], np.ndarray]:
     return texts, np.array(labels)
 
 
-class LogisticBaseline:
-    """A baseline router: features of a text (TF-IDF n-grams or MiniLM embeddings) -> multinomial
-    logistic regression (scikit-learn), as a user would first try."""
-
-    def __init__(self, featurise, texts: list[str], labels: np.ndarray, seed: int):
-        self.featurise = featurise
-        self.model = LogisticRegression(C=10.0, max_iter=2000, random_state=seed).fit(featurise(texts), labels)
-
-    def probs(self, texts: list[str]) -> np.ndarray:
-        return self.model.predict_proba(self.featurise(texts))
-
-
-def tfidf_lr(texts: list[str], labels: np.ndarray, seed: int) -> LogisticBaseline:
-    """TF-IDF of word 1-2 grams + logistic regression."""
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(texts)
-    return LogisticBaseline(vectorizer.transform, texts, labels, seed)
-
-
-def minilm_lr(texts: list[str], labels: np.ndarray, seed: int) -> LogisticBaseline:
-    """all-MiniLM-L6-v2 sentence embeddings (benchmarks/baselines.py) + logistic regression."""
-    embedder = SentenceEmbedder()
-    return LogisticBaseline(lambda t: embedder.embed(t).numpy(), texts, labels, seed)
-
-
 @dataclass(frozen=True)
 class Layout:
     """How many rows of each part are stacked, in order: validation, out-of-scope validation, test,
@@ -159,33 +131,15 @@ class Layout:
     test: int
     oos_test: int
 
-    def parts(self, probs) -> list[torch.Tensor]:
-        probs = torch.as_tensor(np.asarray(probs), dtype=torch.float64)
-        return list(torch.split(probs, [self.val, self.oos_val, self.test, self.oos_test]))
-
-
-def score(test, y_test, oos_test, threshold: float) -> dict:
-    """In-scope accuracy (no abstention; and at the threshold) and out-of-scope recall, rounded (the
-    threshold is not: a sure router's sit within 1e-5 of 1)."""
-    m = in_scope_and_oos(test, torch.as_tensor(y_test), oos_test, threshold)
-    return {k: round(v, 4) if isinstance(v, float) and k != "threshold" else v for k, v in m.items()}
+    def parts(self, probs) -> list[np.ndarray]:
+        return np.split(np.asarray(probs, dtype=np.float64), np.cumsum([self.val, self.oos_val, self.test]))
 
 
 def evaluate(probs, layout: Layout, y_val: np.ndarray, y_test: np.ndarray) -> dict:
-    """One router's scores: the threshold chosen on the validation parts (routing/abstain.py, with
-    the out-of-scope validation requests), measured on the test parts."""
+    """One router's scores: the threshold chosen on the validation parts (the rule of
+    routing/abstain.py, with the out-of-scope validation requests), measured on the test parts."""
     val, oos_val, test, oos_test = layout.parts(probs)
-    threshold, _ = choose_threshold(val, torch.as_tensor(y_val), oos_val)
-    return score(test, y_test, oos_test, threshold)
-
-
-def median_ms(fn, texts: list[str]) -> float:
-    times = []
-    for text in texts:
-        t0 = time.perf_counter()
-        fn(text)
-        times.append((time.perf_counter() - t0) * 1000)
-    return round(statistics.median(times), 3)
+    return score(test, y_test, oos_test, choose_threshold(val, y_val, oos_val))
 
 
 def run(settings: RequestsSettings) -> dict:
@@ -211,12 +165,12 @@ def run(settings: RequestsSettings) -> dict:
         makers = {"tfidf_lr": tfidf_lr, **({} if settings.no_minilm else {"minilm_lr": minilm_lr})}
         for name, make in makers.items():
             t0 = time.perf_counter()
-            model = make(train_texts, y_train, settings.seed)
+            model = make(train_texts, y_train, seed=settings.seed)
             fit_s = time.perf_counter() - t0
             probs = model.probs(everything)
             out[name] = evaluate(probs, layout, y_val, y_test) | {
                 "fit_seconds": round(fit_s, 1),
-                "latency_ms": median_ms(lambda t, m=model: m.probs([t]), test_texts[: settings.latency_requests])}
+                "latency_ms": latency_ms(lambda t, m=model: m.probs([t]), test_texts[: settings.latency_requests])}
         return out
 
     base = phases.run("baselines", baselines)
@@ -242,8 +196,8 @@ def run(settings: RequestsSettings) -> dict:
         out["joint_abstain_auto"] = score(test, y_test, oos_test, change["abstain_threshold"])
         out["joint_abstain_auto"]["chosen_on"] = chosen
         sample = test_texts[: settings.latency_requests]
-        hidden_ms = median_ms(lambda t: tl.router(tl.route_features(tl.encode([t]))), sample)
-        joint_ms = median_ms(lambda t: tl.route_probs(tl.encode([t])), sample)
+        hidden_ms = latency_ms(lambda t: tl.router(tl.route_features(tl.encode([t]))), sample)
+        joint_ms = latency_ms(lambda t: tl.route_probs(tl.encode([t])), sample)
         out["hidden"]["latency_ms"], out["joint"]["latency_ms"] = hidden_ms, joint_ms
         out["joint"]["latency_ratio_vs_hidden"] = round(joint_ms / hidden_ms, 3)
         out["router_training"] = tl.info.get("router_training", {})
@@ -291,7 +245,7 @@ def markdown(r: dict) -> str:
         t = m["threshold"]
         shown = f"1 - {1 - t:.1e}" if t > 0.999 else f"{t:.3f}"  # a sure router's thresholds sit near 1
         return (f"| {label} | {m['in_scope_accuracy']:.1%} | {m['in_scope_accuracy_at_threshold']:.1%} / "
-                f"{m['oos_recall']:.1%} (t = {shown}) | {lat} |")
+                f"{m['oos_recall_at_threshold']:.1%} (t = {shown}) | {lat} |")
 
     o, b, lk = r["ours"], r["baselines"], r["likelihood"]
     lines = [f"Requests of {len(r['departments'])} departments ({', '.join(r['departments'])}); "
