@@ -138,7 +138,7 @@ def test_jsonl_bad_lines_are_reported_with_line_number(tmp_path, second_line, me
 def test_user_corpus_rejects_other_files(tmp_path):
     path = tmp_path / "c.csv"
     path.write_text("text\nhello\n")
-    with pytest.raises(CorpusError, match="folder of .txt/.md files or a .jsonl file"):
+    with pytest.raises(CorpusError, match="folder of .txt/.md files, a .jsonl file or a .txt file"):
         corpora.load_user_corpus(path)
 
 

@@ -139,6 +139,9 @@ def refit_lexical(bundle: Path, manifest: dict, router, replay: dict, domains: l
     rows = {d: rows[d] for d in domains if d in rows}
     for name, ids in (new_rows or {}).items():
         rows[name] = hashed_rows(tokenizer, ids, old.settings)
+    if any(rows[d]["train"].shape[0] != replay[d]["train"].shape[0] * replay[d]["train"].shape[1] for d in domains):
+        # A replay memory recomputed from the corpora (bundles written before it) has other rows.
+        return None, None, {"skipped": "the router's replay memory was rebuilt: its rows no longer match"}
     ex: dict[str, list[str]] = {}
     for item in examples or []:
         ex.setdefault(item["domain"], []).append(item["text"])
