@@ -110,12 +110,11 @@ def score(probs: np.ndarray, labels: np.ndarray, oos_probs: np.ndarray, threshol
     its largest probability < threshold, and then counts as wrong), oos_recall_at_threshold (the share
     of out-of-scope rows abstained; None without any) and the threshold, as floats."""
     probs, labels, oos = _checked(probs, labels, oos_probs)
-    correct = probs.argmax(axis=1) == labels
-    kept = probs.max(axis=1) >= threshold  # float64, as the router compares (float32 rounds near 1)
-    recall = float(np.mean(oos.max(axis=1) < threshold)) if oos.shape[0] else None
-    return {"in_scope_accuracy": float(np.mean(correct)),
-            "in_scope_accuracy_at_threshold": float(np.mean(correct & kept)),
-            "oos_recall_at_threshold": recall,
+    # The library's definition (routing/abstain.py, float64 as the router compares), named for the bench.
+    m = abstain.in_scope_and_oos(torch.as_tensor(probs), torch.as_tensor(labels), torch.as_tensor(oos), threshold)
+    return {"in_scope_accuracy": m["in_scope_accuracy"],
+            "in_scope_accuracy_at_threshold": m["in_scope_accuracy_at_threshold"],
+            "oos_recall_at_threshold": m["oos_recall"],
             "threshold": float(threshold)}
 
 

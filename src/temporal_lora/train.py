@@ -258,7 +258,8 @@ def router_features(model, spec: str, rt: RouterText, lengths: list[int], pad_id
     for part, chunks in (("train", rt.train), ("calib", rt.calib)):
         if len(chunks):
             out[part] = prefix_features(model, spec, chunks, lengths)
-            ids[part] = [[row[:n] for row in chunks.tolist()] for n in lengths]
+            windows = chunks.tolist()
+            ids[part] = [[row[:n] for row in windows] for n in lengths]
     for part, seqs in (("short", rt.short), ("short_calib", rt.short_calib)):
         if seqs:
             out[part] = text_features(model, spec, seqs, pad_id)
