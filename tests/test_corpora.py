@@ -90,7 +90,7 @@ def test_user_corpus_missing_path(tmp_path):
 
 def test_user_corpus_folder_without_text_files(tmp_path):
     (tmp_path / "a.rst").write_text(PARAGRAPHS[0])
-    with pytest.raises(CorpusError, match=r"no \.txt or \.md files"):
+    with pytest.raises(CorpusError, match=r"no \.txt, \.md or \.jsonl files"):
         corpora.load_user_corpus(tmp_path)
 
 
@@ -138,7 +138,7 @@ def test_jsonl_bad_lines_are_reported_with_line_number(tmp_path, second_line, me
 def test_user_corpus_rejects_other_files(tmp_path):
     path = tmp_path / "c.csv"
     path.write_text("text\nhello\n")
-    with pytest.raises(CorpusError, match="folder of .txt/.md files, a .jsonl file or a .txt file"):
+    with pytest.raises(CorpusError, match="folder of .txt/.md/.jsonl files, a .jsonl file or a .txt file"):
         corpora.load_user_corpus(path)
 
 

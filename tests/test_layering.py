@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 # Lower layers never import higher ones; a layer may import within itself (without cycles).
 LAYERS = [
     ["errors", "config", "meta", "text", "cache", "rewards", "sampling"],
-    ["corpora", "data", "conversations"],
+    ["corpora", "data", "conversations", "grounding"],
     ["backbone", "adapters", "mixing", "gguf_files", "llamacpp"],
     ["routing"],
     ["bundle", "storage", "model", "versions"],

@@ -239,13 +239,15 @@ class _Job:
 def evaluate_answers(tl: TemporalLoRA, questions: str | Path | Sequence[dict], out_dir: str | Path | None = None,
                      *, arms: str | Sequence[str] = DEFAULT_ARMS, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                      limit: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                     repetition_penalty: float = 1.0, chat: bool | None = None,
+                     repetition_penalty: float = 1.0, chat: bool | None = None, grounded: bool = True,
                      run: RunContext | None = None, progress: bool | None = None) -> dict:
     """Ask every question by every arm (greedy), score the answers; write answers.json and answers.md
     (and the generation cache answers.cache.jsonl, reused by a rerun) to `out_dir` if given.
 
     `questions`: a JSONL file, `django-faq` (the built-in example) or a list of records. `chat`:
-    None = the base model's chat template where it has one, else the bare question. Bad input
+    None = the base model's chat template where it has one, else the bare question. `grounded`: the
+    routed and oracle answers of grounded domains get their domain's passages (grounding.py), as
+    served; False asks the adapters alone. Bad input
     (a line that is not JSON or lacks a question, an unknown domain, a fact that is not a regex,
     an unknown arm) raises one InputError before anything is written. Returns the report (as
     answers.json, plus "timing")."""
@@ -259,35 +261,39 @@ def evaluate_answers(tl: TemporalLoRA, questions: str | Path | Sequence[dict], o
     chat = has_template if chat is None else chat
     if chat and not has_template:
         raise InputError(f"base model {tl.base_id!r} has no chat template; evaluate with chat=False")
-    route_ids, prompts, prompt_ids = [], [], []
+    route_ids = []
     for q in qs:
         ids = tokenize(tl.tokenizer, q.question, f"{q.where}: the question")
-        prompt = tl.chat_prompt(q.question) if chat else q.question
-        full = tokenize(tl.tokenizer, prompt, f"{q.where}: the question")
-        if not ids or not full:
+        if not ids:
             raise InputError(f"{q.where}: the question has no tokens")
-        if len(full) + max_new_tokens > tl.context_length:
-            raise InputError(f"{q.where}: the question has {len(full)} tokens; with {max_new_tokens} new tokens "
-                             f"that exceeds the context of {tl.context_length}")
         route_ids.append(ids)
-        prompts.append(prompt)
-        prompt_ids.append(full)
 
     started = time.perf_counter()
     decisions = tl.decisions(tl.route_probs(route_ids))
     identity = _bundle_identity(tl)
     settings = [max_new_tokens, round(float(repetition_penalty), 6)]
     jobs: dict[str, _Job] = {}
-    planned: dict[str, dict[int, tuple[str, dict, dict | None]]] = {}  # arm -> {question: (key, adapters, style)}
+    planned: dict[str, dict[int, tuple[str, dict, dict | None, list]]] = {}  # arm -> {question: (key, adapters, style, hits)}
     for arm in arm_list:
         planned[arm.name] = {}
         for index, plan in _arm_plans(tl, arm, qs, route_ids):
             for i, row, named, style in zip(index, plan.weights, plan.named, plan.styles or [None] * len(index),
                                             strict=True):
-                key = _key(identity, settings, prompts[i], row)
-                jobs.setdefault(key, _Job(prompt_ids[i], row))
+                # The answer is grounded in the passages of the domain that answers it (as served).
+                domain = None if arm.kind == "base" else qs[i].domain if arm.kind == "oracle" else \
+                    None if decisions[i].abstained else decisions[i].domain
+                prompt, hits = tl.grounded_chat([{"role": "user", "content": qs[i].question}],
+                                                domain if grounded else None, max_new_tokens) if chat \
+                    else (qs[i].question, [])
+                key = _key(identity, settings, prompt, row)
+                if key not in jobs:
+                    full = tokenize(tl.tokenizer, prompt, f"{qs[i].where}: the question")
+                    if len(full) + max_new_tokens > tl.context_length:
+                        raise InputError(f"{qs[i].where}: the prompt has {len(full)} tokens; with {max_new_tokens} "
+                                         f"new tokens that exceeds the context of {tl.context_length}")
+                    jobs[key] = _Job(full, row)
                 used = {a: w for a, w in named.items() if w}
-                planned[arm.name][i] = (key, used, style.to_dict() if style is not None else None)
+                planned[arm.name][i] = (key, used, style.to_dict() if style is not None else None, hits)
 
     out = Path(out_dir) if out_dir is not None else None
     cache = _read_cache(out / CACHE_FILE) if out is not None else {}
@@ -305,9 +311,10 @@ def evaluate_answers(tl: TemporalLoRA, questions: str | Path | Sequence[dict], o
         for arm in arm_list:
             if i not in planned[arm.name]:
                 continue
-            key, used, style = planned[arm.name][i]
+            key, used, style, hits = planned[arm.name][i]
             text = cache[key]
-            answer = {"text": text, "adapters": used, **({"style": style} if style is not None else {})}
+            answer = {"text": text, "adapters": used, **({"style": style} if style is not None else {}),
+                      **({"sources": [h.to_dict() for h in hits]} if hits else {})}
             row["answers"][arm.name] = answer | score_answer(text, q)
         rows.append(row)
     report = {
@@ -315,6 +322,7 @@ def evaluate_answers(tl: TemporalLoRA, questions: str | Path | Sequence[dict], o
         "settings": {"base_model": tl.base_id, "domains": tl.domains, "arms": [a.name for a in arm_list],
                      "max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty,
                      "decoding": "greedy", "chat_template": chat,
+                     "grounded": sorted(tl.grounding) if grounded and chat else [],
                      "abstain_threshold": tl.router_config.abstain_threshold, "limit": limit},
         "summary": summarize(rows, [a.name for a in arm_list]),
         "questions": rows,

@@ -79,7 +79,7 @@ def cmd_train(args) -> None:
         abstain, extra["out_of_scope"] = "auto", _out_of_scope(args.out_of_scope)
     tl = train_bundle(_domains(args.domains), args.out, base=args.base, data=data, budget=args.budget,
                       seed=args.seed, router_features=args.router_features,
-                      abstain_threshold=abstain, init=args.init, **extra)
+                      abstain_threshold=abstain, init=args.init, grounding=args.grounding, **extra)
     print(f"bundle written to {args.out} (domains: {', '.join(tl.domains)}; router: {tl.feature_spec})")
 
 
@@ -162,7 +162,8 @@ def cmd_generate(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    answer_flags = {"--arms": args.arms, "--max-new-tokens": args.max_new_tokens, "--limit": args.limit}
+    answer_flags = {"--arms": args.arms, "--max-new-tokens": args.max_new_tokens, "--limit": args.limit,
+                    "--no-grounding": args.no_grounding or None}
     if args.questions is None and any(v is not None for v in answer_flags.values()):
         raise InputError(f"{', '.join(k for k, v in answer_flags.items() if v is not None)} go with --questions")
     if args.questions is not None:
@@ -171,7 +172,7 @@ def cmd_eval(args) -> None:
         report = answers.evaluate_answers(
             _load(args), args.questions, args.out, arms=answers.DEFAULT_ARMS if args.arms is None else args.arms,
             max_new_tokens=answers.DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens,
-            limit=args.limit)
+            limit=args.limit, grounded=not args.no_grounding)
         print(answers.markdown_table(report))
         t = report["timing"]
         print(f"\nanswers written to {args.out}/answers.json and answers.md ({t['generated']} generated, "
@@ -436,8 +437,9 @@ BASE = arg("--base", default=None,
 THRESHOLD = arg("--abstain-threshold", type=float, default=None, metavar="P",
                 help="override the bundle's threshold: below this confidence the base model answers")
 JSON_REPORT = arg("--json", action="store_true", help="print the report as JSON")
-DATA_FILE = ("folder of .txt/.md files, a .txt file of short texts (one per line), or a JSONL file of "
-             "documents ({'text': ...}) and/or conversations ({'messages': [...]})")
+DATA_FILE = ("a folder (handbook .md/.txt, conversations .jsonl, questions.txt), a .txt file of short texts (one "
+             "per line), or a JSONL file of documents ({'text': ...}), conversations ({'messages': [...]}) "
+             "or answered questions ({'question', 'answer'})")
 
 
 def budget(default: str | None, help: str | Doc = Doc(CONFIG, "TrainConfig", "budget")) -> Arg:
@@ -466,9 +468,12 @@ COMMANDS: dict[str, Command] = {
         arg("--out", required=True, type=Path, help="bundle directory to write"),
         BASE,
         arg("--data", action="append", default=[], metavar="NAME=PATH",
-            help="corpus for a domain: folder of .txt/.md files, a .txt file of short texts (one per line: "
-                 "requests, questions), or JSONL whose lines are documents ({'text': ...}) and/or "
-                 "conversations ({'messages': [...]}, OpenAI/TRL format) (repeatable)"),
+            help="a domain's data: a folder (a department's handbook as .md/.txt, answered conversations as "
+                 ".jsonl, question lists as questions.txt: one per line), a .txt file of short texts (one per "
+                 "line: requests, questions), or JSONL whose lines are documents ({'text': ...}), conversations "
+                 "({'messages': [...]}, OpenAI/TRL format) or answered questions ({'question', 'answer'}) "
+                 "(repeatable)"),
+        setting(CONFIG, "TrainConfig", "grounding", default=None, choices=["auto", "on", "off"]),
         arg("--init", default="base", choices=["base", "shared"],
             help="shared: first one adapter on the union of the domains (a seed phase of the same number of "
                  "steps), then every domain's adapter starts from it (default: fresh LoRAs)"),
@@ -531,6 +536,8 @@ COMMANDS: dict[str, Command] = {
                  "in bundles with styles; default base,routed,oracle)"),
         arg("--max-new-tokens", type=int, default=None, help="with --questions: tokens per answer (default 48)"),
         arg("--limit", type=int, default=None, metavar="N", help="with --questions: only the first N questions"),
+        arg("--no-grounding", action="store_true",
+            help="with --questions: answer from the adapters alone, without the grounded domains' passages"),
     )),
     "demo": Command("fetch, train (quick budget), evaluate and show samples", cmd_demo, (
         arg("--out", type=Path, default=Path("runs/demo")),

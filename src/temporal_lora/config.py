@@ -92,6 +92,13 @@ class TrainConfig:
     """perplexity windows per domain, from test documents"""
     seed: int = 0
     """random seed: the same seed gives the same splits, adapters and router"""
+    grounding: str = "auto"
+    """answer from the domain's own passages (grounding.py): 'auto' grounds the domains whose data has
+    documents and answered conversations, 'on' every domain with documents, 'off' none"""
+    grounding_passages: int = 2
+    """passages put into a grounded prompt"""
+    passage_words: int = 80
+    """about this many words per passage (a handbook is cut at headings, paragraphs, sentences)"""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
 

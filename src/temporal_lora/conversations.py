@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from temporal_lora.cache import atomic_write_text
 from temporal_lora.corpora import (
     BUILTIN_DOMAINS,
     Document,
+    corpus_files,
     django_faq,
     load_builtin,
     load_domain,
@@ -54,7 +55,8 @@ class Conversation:
 
 
 def is_conversational(record: object) -> bool:
-    return isinstance(record, dict) and "messages" in record
+    """A `messages` record, or an answered question (`{"question", "answer"}`: an FAQ entry)."""
+    return isinstance(record, dict) and ("messages" in record or ("question" in record and "answer" in record))
 
 
 def parse_conversation(record: object, where: str, default_id: str | None = None) -> Conversation:
@@ -62,6 +64,11 @@ def parse_conversation(record: object, where: str, default_id: str | None = None
     Optional `id` and `group` fields as for documents (default id: `default_id`, else `where`)."""
     if not is_conversational(record):
         raise CorpusError(f"{where}: expected an object with a 'messages' list")
+    if "messages" not in record:  # an answered question: one user turn, one assistant turn
+        if not isinstance(record["question"], str) or not isinstance(record["answer"], str):
+            raise CorpusError(f"{where}: 'question' and 'answer' must be strings")
+        record = {**record, "messages": [{"role": "user", "content": record["question"]},
+                                         {"role": "assistant", "content": record["answer"]}]}
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         raise CorpusError(f"{where}: 'messages' must be a non-empty list")
@@ -145,10 +152,16 @@ def load_domain_texts(name: str, data_paths: Mapping[str, Path]) -> tuple[list[D
 
 
 def load_user_texts(path: str | Path) -> tuple[list[Document], list[Conversation]]:
-    """Documents and conversations of a user's corpus (a folder has documents only)."""
+    """Documents and conversations of a user's corpus: a JSONL file, or a folder whose .jsonl files
+    hold them (corpora/user.py `load_folder`; a conversation's id is prefixed with its file's path)."""
     docs = load_user_corpus(path)  # skips conversation lines; checks the path and every document line
     file = Path(path).expanduser()
-    convs = read_conversations(file, documents_too=True) if file.suffix.lower() == ".jsonl" and file.is_file() else []
+    if file.is_dir():
+        convs = [replace(c, id=f"{f.relative_to(file).as_posix()}:{c.id}", group=f"{f.relative_to(file).as_posix()}:"
+                         f"{c.group}") for f in sorted(corpus_files(file, (".jsonl",)))
+                 for c in read_conversations(f, documents_too=True)]
+    else:
+        convs = read_conversations(file, documents_too=True) if file.suffix.lower() == ".jsonl" else []
     if not docs and not convs:
         raise CorpusError(f"{file} has no documents and no conversations")
     return docs, dedupe_conversations(convs)

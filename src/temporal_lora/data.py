@@ -180,6 +180,24 @@ def split_documents(
     return Splits(train=pick("train"), val=pick("val"), test=pick("test"))
 
 
+SHORT_CHARS = 400  # a text shorter than this is a short text (a question, a request), not a document
+
+
+def split_by_kind(docs: Sequence[Document], *, seed: int, validated_elsewhere: bool = False) -> Splits:
+    """`split_documents`, each kind on its own where a folder mixes documents (a handbook) and short
+    texts (a question list): a kind of fewer than three groups goes to train whole, so a department's
+    one handbook is never held out, as long as another kind (or, `validated_elsewhere`, the domain's
+    conversations) gives the validation and test splits. One kind alone splits exactly as before."""
+    long = [d for d in docs if len(d.text) >= SHORT_CHARS]
+    short = [d for d in docs if len(d.text) < SHORT_CHARS]
+    kinds = [k for k in (long, short) if k]
+    if len(kinds) < 2 and not validated_elsewhere:
+        return split_documents(docs, seed=seed)
+    parts = [split_documents(k, seed=seed) if len({d.group for d in k}) >= 3 else Splits(list(k), [], [])
+             for k in kinds]
+    return Splits(*([d for p in parts for d in getattr(p, name)] for name in ("train", "val", "test")))
+
+
 # --- chunking ---------------------------------------------------------------------------------
 
 def split_like_parent(docs: list[Document], parent_split: dict | None, seed: int) -> tuple[Splits, bool]:

@@ -26,6 +26,7 @@ from temporal_lora.bundle import (
 )
 from temporal_lora.config import RouterConfig
 from temporal_lora.errors import BaseModelMismatchError, BundleError, InputError
+from temporal_lora.grounding import Hit, PassageIndex, fitting
 from temporal_lora.meta import __version__
 from temporal_lora.mixing import AdapterMixer
 from temporal_lora.routing.decisions import (
@@ -45,16 +46,20 @@ from temporal_lora.routing.replay import text_features
 from temporal_lora.routing.styles import Styles
 from temporal_lora.sampling import eos_ids
 from temporal_lora.storage import (
+    GROUNDING,
     ROUTER_DIR,
     SPLITS_FILE,
+    grounding_entry,
     load_router,
     read_examples,
+    read_grounding,
     read_hierarchy,
     read_lexical,
     read_replay,
     read_splits,
     read_styles,
     write_examples,
+    write_grounding_index,
     write_hierarchy,
     write_router,
     write_splits,
@@ -115,6 +120,10 @@ class TemporalLoRA:
         self.examples: tuple[list[dict], dict[str, torch.Tensor], float] | None = None
         self.hierarchy: Hierarchy | None = None  # subdomains (routing/hierarchy.py); None for a bundle without any
         self.styles: Styles | None = None  # style adapters (routing/styles.py); None for a bundle without any
+        # Grounded domains' passage indexes (grounding.py) and how many passages a prompt gets;
+        # a bundle without grounding answers from the adapters alone.
+        self.grounding: dict[str, PassageIndex] = {}
+        self.grounding_passages = 0
         self.context_length = context_length(self.model, tokenizer)
 
     # ---------------------------------------------------------------- construction and disk
@@ -170,6 +179,7 @@ class TemporalLoRA:
             tl.attach_subdomains(path, read_hierarchy(path, manifest))
         if manifest.get("styles"):  # likewise styles: loaded after the subdomains
             tl.attach_styles(path, read_styles(path, manifest))
+        tl.grounding, tl.grounding_passages = read_grounding(path, manifest)
         return tl
 
     def attach_subdomains(self, bundle: Path, hierarchy: Hierarchy) -> None:
@@ -226,6 +236,11 @@ class TemporalLoRA:
             if self.styles and self.styles.entries:
                 manifest["styles"] = write_styles(self.styles, self.peft_model, tmp)
                 manifest["files"].update(checksums(tmp / "styles", tmp))
+            if self.grounding:
+                manifest["grounding"] = grounding_entry({d: write_grounding_index(tmp, d, index)
+                                                         for d, index in self.grounding.items()},
+                                                        self.grounding_passages)
+                manifest["files"].update(checksums(tmp / GROUNDING, tmp))
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
 
         write_atomic_dir(path, fill)
@@ -389,10 +404,32 @@ class TemporalLoRA:
 
     def chat_prompt(self, message: str) -> str:
         """`message` as one user turn in the base model's chat template, ready for the reply."""
+        return self.render_chat([{"role": "user", "content": message}])
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """Chat messages in the base model's chat template, ready for the reply."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise InputError(f"base model {self.base_id!r} has no chat template; generate without chat")
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": message}],
-                                                  add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def passages_for(self, domain: str | None, text: str) -> list[Hit]:
+        """The passages a grounded answer of `domain` gets for `text`: [] where the domain is not
+        grounded (or None: abstained, base model)."""
+        index = self.grounding.get(domain or "")
+        return index.search(text, self.grounding_passages) if index is not None else []
+
+    def grounded_chat(self, messages: list[dict], domain: str | None, room: int = 0) -> tuple[str, list[Hit]]:
+        """The chat prompt of `messages` answered by `domain`, grounded the way its adapter was trained:
+        the passages its newest user turn finds, in the system turn (as many as leave `room` tokens of
+        the context for the answer). Returns the prompt and the passages used ([]: not grounded)."""
+        question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        limit = self.context_length - room
+
+        def fits(grounded: list[dict]) -> bool:
+            return len(tokenize(self.tokenizer, self.render_chat(grounded), "prompt")) <= limit
+
+        grounded, hits = fitting(messages, domain or "", self.passages_for(domain, question), fits)
+        return self.render_chat(grounded), hits
 
     def generate_ids(self, ids: list[list[int]], weights: torch.Tensor, max_new_tokens: int, *,
                      do_sample: bool = False, temperature: float = 1.0, seed: int = 0,

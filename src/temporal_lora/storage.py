@@ -9,6 +9,7 @@ each part lives and how the manifest records it, so that training, `from_pretrai
     subadapters/<parent>/<child>/                             subdomain adapters (PEFT folders)
     subrouters/<parent>/router.safetensors, replay.safetensors, splits.json
     styles/<domain>/<style>/                                  style adapters (PEFT folders)
+    grounding/<domain>.sqlite                                 a domain's passage index (grounding.py)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from temporal_lora.adapters import save_peft_adapters
 from temporal_lora.bundle import safe_path
 from temporal_lora.config import RouterConfig
 from temporal_lora.errors import BundleError
+from temporal_lora.grounding import PassageIndex
 from temporal_lora.routing.gating import GatingNetwork, load_gating, save_gating
 from temporal_lora.routing.hierarchy import DEFAULT_FALLBACK, Hierarchy, SubRouter, adapter_name
 from temporal_lora.routing.lexical import (
@@ -42,6 +44,7 @@ SPLITS_FILE = "data/splits.json"
 SUBADAPTERS = "subadapters"
 SUBROUTERS = "subrouters"
 STYLES = "styles"
+GROUNDING = "grounding"
 
 
 # ------------------------------------------------------------------------------------------ routers
@@ -164,6 +167,32 @@ def write_splits(root: Path, rel: str, splits: dict) -> str:
     (root / rel).parent.mkdir(parents=True, exist_ok=True)
     (root / rel).write_text(json.dumps(splits, indent=1), encoding="utf-8")
     return rel
+
+
+# ------------------------------------------------------------------------------------------ grounding
+def grounding_file(domain: str) -> str:
+    return f"{GROUNDING}/{domain}.sqlite"
+
+
+def write_grounding_index(root: Path, domain: str, index: PassageIndex) -> dict:
+    """One domain's passage index into a bundle being written; its manifest entry."""
+    rel = grounding_file(domain)
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_bytes(index.to_bytes())
+    return {"path": rel, "passages": index.size}
+
+
+def grounding_entry(indexes: dict[str, dict], passages: int) -> dict:
+    """The manifest's `grounding`: how many passages a prompt gets and each grounded domain's index."""
+    return {"passages": passages, "domains": indexes}
+
+
+def read_grounding(bundle: Path, manifest: dict) -> tuple[dict[str, PassageIndex], int]:
+    """The grounded domains' passage indexes and the passages per prompt; ({}, 0) without grounding."""
+    entry = manifest.get("grounding") or {}
+    indexes = {d: PassageIndex.from_bytes(safe_path(bundle, info["path"]).read_bytes(), f"grounding index of {d!r}")
+               for d, info in (entry.get("domains") or {}).items() if d in manifest["domains"]}
+    return indexes, int(entry.get("passages", 0)) if indexes else 0
 
 
 # ------------------------------------------------------------------------------------------ subdomains

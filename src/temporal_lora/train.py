@@ -35,8 +35,21 @@ from temporal_lora.conversations import (
 from temporal_lora.corpora import BUILTIN_DOMAINS, Document, source_of
 from temporal_lora.corpora.sources import PRIMARY, load_source, sources_of
 from temporal_lora.corpora.views import questions_in, short_views
-from temporal_lora.data import Splits, chunk_documents, dedupe, split_documents
+from temporal_lora.data import (
+    SHORT_CHARS,
+    Splits,
+    chunk_documents,
+    dedupe,
+    split_by_kind,
+    split_documents,
+)
 from temporal_lora.errors import CorpusError, FetchError, InputError
+from temporal_lora.grounding import (
+    PassageIndex,
+    conversation_passages,
+    document_passages,
+    grounded_conversations,
+)
 from temporal_lora.model import TemporalLoRA
 from temporal_lora.routing.abstain import choose_from_replay
 from temporal_lora.routing.features import (
@@ -102,10 +115,43 @@ def load_domain_data(name: str, data_paths: dict[str, Path], seed: int) -> Domai
     kind on its own, same rule and seed; a domain may have only conversations)."""
     docs, convs = load_domain_texts(name, data_paths)
     unique = dedupe(docs)
-    splits = split_documents(unique, seed=seed) if unique or not convs else Splits([], [], [])
+    splits = split_by_kind(unique, seed=seed, validated_elsewhere=bool(convs)) if unique else Splits([], [], [])
     conv_splits = split_conversations(convs, seed, f"conversations of {name!r}") if convs else None
     source = source_of(name, data_paths.get(name))
     return DomainData(name, source, splits, len(docs) - len(unique), conv_splits)
+
+
+GROUNDING_MODES = ("auto", "on", "off")
+
+
+def grounding_index(dd: DomainData, cfg: TrainConfig, user_data: bool) -> PassageIndex | None:
+    """A domain's passage index (grounding.py), or None where it is not grounded: `cfg.grounding`
+    'auto' grounds a user's domain that has documents and answered conversations, 'on' every domain
+    with documents. Passages: every document of the domain (the handbook is the domain's knowledge,
+    whatever split a file landed in; short texts are questions, not knowledge) and the training
+    conversations' questions and answers (never the held-out ones)."""
+    if cfg.grounding not in GROUNDING_MODES:
+        raise InputError(f"unknown grounding {cfg.grounding!r}; choose from {', '.join(GROUNDING_MODES)}")
+    convs = dd.conversations.train if dd.conversations else []
+    docs = [d for d in (*dd.splits.train, *dd.splits.val, *dd.splits.test) if len(d.text) >= SHORT_CHARS]
+    if cfg.grounding == "off" or not docs or (cfg.grounding == "auto" and not (user_data and convs)):
+        return None
+    passages = [p for d in docs for p in document_passages(d, cfg.passage_words)]
+    return PassageIndex.build(passages + conversation_passages(convs))
+
+
+def ground_training(dd: DomainData, index: PassageIndex, cfg: TrainConfig, tokenizer, max_tokens: int) -> DomainData:
+    """The domain's data with its training conversations in the grounded prompt shape (with fewer
+    passages where all of them would push the answer past `max_tokens`)."""
+    if dd.conversations is None:
+        return dd
+
+    def fits(messages: list[dict]) -> bool:
+        return len(tokenize(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False), "conversation")) \
+            <= max_tokens
+
+    train = grounded_conversations(dd.conversations.train, index, dd.name, cfg.grounding_passages, fits)
+    return replace(dd, conversations=replace(dd.conversations, train=train))
 
 
 def conversation_tokens(model, tokenizer) -> int:
@@ -385,6 +431,7 @@ def train_bundle(
     router_features: str | None = None,
     abstain_threshold: float | str | None = None,
     out_of_scope: list[str] | None = None,
+    grounding: str | None = None,
     config: TrainConfig | None = None,
     init: str = "base",
     run: RunContext | None = None,
@@ -405,6 +452,9 @@ def train_bundle(
     `abstain_threshold="auto"` chooses the threshold on validation data (routing/abstain.py): the
     domains' calibration rows and `out_of_scope` (texts no domain should answer), which the bundle
     keeps as route examples of 'none' so that every later refit chooses it again the same way.
+
+    `grounding` (auto, on, off; default the config's, auto): which domains answer from their own
+    passages (grounding.py, `grounding_index`); the bundle stores their indexes.
     """
     if init not in TRAIN_INITS:
         raise InputError(f"unknown init {init!r}; choose from {', '.join(TRAIN_INITS)}")
@@ -428,10 +478,14 @@ def train_bundle(
                  if v is not None and v != ""}
     if overrides:  # a copy: the caller's config stays as it was
         cfg = replace(cfg, router=replace(cfg.router, **overrides))
+    if grounding is not None:
+        cfg = replace(cfg, grounding=grounding)
     timing: dict[str, float] = {}
 
     t0 = time.perf_counter()
     datasets = {name: load_domain_data(name, data, cfg.seed) for name in domains}  # fail fast on bad corpora
+    indexes = {name: grounding_index(dd, cfg, name in data) for name, dd in datasets.items()}
+    grounding = {name: index for name, index in indexes.items() if index is not None}
     timing["load_corpora"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -439,6 +493,10 @@ def train_bundle(
     base_fp = fingerprint(model)
     spec = resolve_feature_spec(cfg.router.features, len(decoder_layers(model)))
     timing["load_base_model"] = time.perf_counter() - t0
+    for name, index in grounding.items():
+        datasets[name] = ground_training(datasets[name], index, cfg, tokenizer, conversation_tokens(model, tokenizer))
+        run.log(f"grounding '{name}': {index.size} passages; its training answers see the top "
+                f"{cfg.grounding_passages} for their question")
 
     training, splits_info, router_data, router_short, router_turns = {}, {}, {}, {}, {}
     # Adapters are staged next to the output; under `accelerate launch` every process must see the
@@ -503,6 +561,7 @@ def train_bundle(
                                    base_fingerprint=base_fp)
         tl.replay = replay
         tl.lexical, tl.lexical_replay = lexical.get("head"), lexical.get("rows")
+        tl.grounding, tl.grounding_passages = grounding, cfg.grounding_passages if grounding else 0
         if cfg.router.abstain_auto:
             choose_abstain(tl, out_of_scope or [])
         t0 = time.perf_counter()

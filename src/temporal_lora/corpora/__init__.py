@@ -13,6 +13,7 @@ from temporal_lora.corpora.sources import (
     sources_of,
 )
 from temporal_lora.corpora.user import (
+    corpus_files,
     load_domain,
     load_user_corpus,
     parse_data_spec,
@@ -28,6 +29,7 @@ __all__ = [
     "SOURCES",
     "Document",
     "Source",
+    "corpus_files",
     "fetch_builtin",
     "load_builtin",
     "load_domain",

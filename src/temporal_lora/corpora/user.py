@@ -13,7 +13,9 @@ from temporal_lora.corpora.document import Document
 from temporal_lora.corpora.sources import BUILTIN_DOMAINS, load_builtin
 from temporal_lora.errors import CorpusError
 
-USER_SUFFIXES = (".txt", ".md")
+USER_SUFFIXES = (".txt", ".md", ".jsonl")
+# File names (stems) that mark a .txt file of a folder as a list of short texts, one per line.
+LIST_NAMES = ("question", "request", "queries", "lines")
 _DOMAIN_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
 
@@ -21,54 +23,75 @@ _DOMAIN_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
 
 def load_user_corpus(path: str | Path) -> list[Document]:
-    """Documents from a folder (every .txt/.md file below it, one document each, grouped by
-    relative path), a .jsonl file (a string `text` per line, optional `id` and `group`; lines
-    that are conversations, `{"messages": [...]}`, are skipped here: conversations.py reads them),
-    or a .txt file of short texts, one per line (requests, questions, FAQ headings)."""
+    """Documents from a folder (see `load_folder`), a .jsonl file (a string `text` per line, optional
+    `id` and `group`; lines that are conversations, `{"messages": [...]}` or `{"question", "answer"}`,
+    are skipped here: conversations.py reads them; a `question` alone is a short text), or a .txt
+    file of short texts, one per line (requests, questions, FAQ headings)."""
     root = Path(path).expanduser()
     if not root.exists():
         raise CorpusError(f"corpus path {root} does not exist")
     if root.is_dir():
-        return _load_folder(root)
+        return load_folder(root)
     if root.suffix.lower() == ".jsonl":
         return _load_jsonl(root)
     if root.suffix.lower() == ".txt":
         return load_text_lines(root)
-    raise CorpusError(f"corpus path {root} must be a folder of .txt/.md files, a .jsonl file or a .txt file "
-                      "with one text per line")
+    raise CorpusError(f"corpus path {root} must be a folder of .txt/.md/.jsonl files, a .jsonl file or a .txt "
+                      "file with one text per line")
 
 
-def load_text_lines(file: Path) -> list[Document]:
+def load_text_lines(file: Path, prefix: str = "") -> list[Document]:
     """One document per non-blank line of a text file: a list of short texts."""
-    docs = [Document(id=f"line-{n}", text=line.strip(), group=f"line-{n}")
+    docs = [Document(id=f"{prefix}line-{n}", text=line.strip(), group=f"{prefix}line-{n}")
             for n, line in enumerate(_decode(file.read_bytes(), file).splitlines(), start=1) if line.strip()]
     if not docs:
         raise CorpusError(f"{file} has no non-blank lines")
     return docs
 
 
-def _load_folder(root: Path) -> list[Document]:
-    files = sorted(_text_files(root))
+def is_question_list(file: Path, text: str) -> bool:
+    """A .txt file of a folder that is a list of short texts rather than a document: its name says
+    so (questions.txt, faq-questions.txt, requests.txt), or it has 3+ lines and most end with '?'."""
+    if any(word in file.stem.lower() for word in LIST_NAMES):
+        return True
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return len(lines) >= 3 and sum(line.endswith("?") for line in lines) >= 0.8 * len(lines)
+
+
+def load_folder(root: Path) -> list[Document]:
+    """A department's folder, each file used for what it is: .md and .txt files are documents (a
+    handbook, policies), one each, except question lists (`is_question_list`: one short text per
+    line); .jsonl files hold documents, short texts and conversations (the conversations are read
+    by conversations.py). Ids are relative paths (`path:line-N` for lines and JSONL records)."""
+    files = sorted(corpus_files(root))
     if not files:
-        raise CorpusError(f"no .txt or .md files under {root}")
+        raise CorpusError(f"no .txt, .md or .jsonl files under {root}")
     docs = []
     for file in files:
+        rel = file.relative_to(root).as_posix()
+        if file.suffix.lower() == ".jsonl":
+            docs += [Document(f"{rel}:{d.id}", d.text, f"{rel}:{d.group}") for d in _load_jsonl(file)]
+            continue
         text = _decode(file.read_bytes(), file).strip()
-        if text:
-            rel = file.relative_to(root).as_posix()
+        if not text:
+            continue
+        if file.suffix.lower() == ".txt" and is_question_list(file, text):
+            docs += load_text_lines(file, prefix=f"{rel}:")
+        else:
             docs.append(Document(id=rel, text=text, group=rel))
-    if not docs:
+    if not docs and all(f.suffix.lower() != ".jsonl" for f in files):
         raise CorpusError(f"all {len(files)} .txt/.md files under {root} are empty")
     return docs
 
 
-def _text_files(root: Path) -> Iterator[Path]:
+def corpus_files(root: Path, suffixes: tuple[str, ...] = USER_SUFFIXES) -> Iterator[Path]:
+    """The corpus files below a folder (hidden files and folders left out)."""
     for file in root.rglob("*"):
         rel_parts = file.relative_to(root).parts
         # Hidden files and folders (.git, editor swap files) are never corpus text.
         if any(part.startswith(".") for part in rel_parts):
             continue
-        if file.is_file() and file.suffix.lower() in USER_SUFFIXES:
+        if file.is_file() and file.suffix.lower() in suffixes:
             yield file
 
 
@@ -91,14 +114,15 @@ def _load_jsonl(file: Path) -> list[Document]:
 
 
 def _is_conversation_line(line: str) -> bool:
-    """A `{"messages": [...]}` line (OpenAI / TRL conversational format) rather than a document."""
-    if '"messages"' not in line:
+    """A `{"messages": [...]}` line (OpenAI / TRL conversational format) or an answered question
+    (`{"question", "answer"}`) rather than a document."""
+    if '"messages"' not in line and '"answer"' not in line:
         return False
     try:
         record = json.loads(line)
     except json.JSONDecodeError:
         return False
-    return isinstance(record, dict) and "messages" in record
+    return isinstance(record, dict) and ("messages" in record or ("question" in record and "answer" in record))
 
 
 def read_jsonl_texts(path: str | Path) -> list[str]:
@@ -120,6 +144,8 @@ def _jsonl_document(line: str, file: Path, lineno: int, hint: str = "") -> Docum
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise CorpusError(f"{file}, line {lineno}: not valid JSON ({exc.msg})") from None
+    if isinstance(record, dict) and "text" not in record and isinstance(record.get("question"), str):
+        record = {**record, "text": record["question"]}  # a question without an answer: a short text
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
         raise CorpusError(f"{file}, line {lineno}: needs a string 'text' field{hint}")
     doc_id = _optional_str(record, "id", file, lineno) or f"line-{lineno}"

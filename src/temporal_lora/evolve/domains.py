@@ -39,17 +39,23 @@ from temporal_lora.storage import (
     ROUTER_DIR,
     SPLITS_FILE,
     examples_by_domain,
+    grounding_entry,
+    grounding_file,
     load_router,
     read_examples,
     read_replay,
     read_splits,
     write_examples,
+    write_grounding_index,
     write_router,
     write_splits,
 )
 from temporal_lora.text import pad_id
 from temporal_lora.train import (
     chunks_tensor,
+    conversation_tokens,
+    ground_training,
+    grounding_index,
     load_domain_data,
     router_features,
     router_text,
@@ -89,7 +95,14 @@ def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None,
 
     with add.timed("load_corpus"):
         dd = load_domain_data(name, {name: Path(data)} if data is not None else {}, cfg.seed)  # fail fast
+        # A bundle that grounds answers keeps its passages per prompt, so the new adapter trains on prompts
+        # of the shape it will be served with.
+        k = (manifest.get("grounding") or {}).get("passages") or cfg.grounding_passages
+        index = grounding_index(dd, replace(cfg, grounding_passages=k), data is not None)
     add.load_model(base)
+    if index is not None:
+        dd = ground_training(dd, index, replace(cfg, grounding_passages=k), add.tokenizer,
+                             conversation_tokens(add.model, add.tokenizer))
     with add.timed("load_replay"):
         replay, lengths, rebuilt = _replay(bundle, manifest, add.model, add.tokenizer, bundle_train_config(manifest))
     if rebuilt:
@@ -154,6 +167,9 @@ def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None,
             _write_refit(tmp, new, router, router_summary, replay, domains, lengths, splits, lexical)
             new["router"]["config"].update(abstain)
             write_examples(tmp, new, ex_items, ex_feats, ex_weight)
+            if index is not None:
+                grounded = (new.get("grounding") or {}).get("domains", {})
+                new["grounding"] = grounding_entry(grounded | {name: write_grounding_index(tmp, name, index)}, k)
             return new
 
         with add.timed("save"):
@@ -216,6 +232,8 @@ def remove_domain(bundle: str | Path, name: str, *, base: str | None = None, run
         del new["adapters"][name]
         if name in new.get("subdomains", {}):  # its subdomains go with it (their files are not copied)
             del new["subdomains"][name]
+        if name in (new.get("grounding") or {}).get("domains", {}):  # and its passage index
+            del new["grounding"]["domains"][name]
         _write_refit(tmp, new, router, router_summary, replay, domains, lengths, splits, lexical)
         new["router"]["config"].update(abstain)
         write_examples(tmp, new, ex_items, ex_feats, ex_weight)
@@ -265,7 +283,9 @@ def copy_domain_files(bundle: Path, old: dict, domains: list[str], tmp: Path) ->
     their subdomains' adapters and sub-routers, if any."""
     keep = [f"{old['adapters'][d]['path']}/" for d in domains]
     keep += [f"{top}/{d}/" for d in domains for top in ("subadapters", "subrouters")]
-    rels = [rel for rel in old["files"] if any(rel.startswith(k) for k in keep) or rel == "adapters/README.md"]
+    indexes = {grounding_file(d) for d in domains}
+    rels = [rel for rel in old["files"]
+            if any(rel.startswith(k) for k in keep) or rel in indexes or rel == "adapters/README.md"]
     copy_files(bundle, rels, tmp)
 
 

@@ -1,0 +1,299 @@
+"""A department's data as it exists (a folder of handbook, conversations and question lists) and
+grounded answers: passages cut from the handbook, found with SQLite FTS5 / BM25, stored per domain in
+the bundle, put into the prompt the adapter trained on, cited in the answers."""
+
+import json
+import shutil
+from dataclasses import replace
+
+import pytest
+from support.serving import TINY_CHAT_TEMPLATE
+
+from temporal_lora.conversations import load_user_texts
+from temporal_lora.corpora import Document
+from temporal_lora.data import split_by_kind
+from temporal_lora.errors import BundleError
+from temporal_lora.grounding import (
+    PassageIndex,
+    conversation_passage,
+    document_passages,
+    fts_query,
+    grounded_conversations,
+    grounded_messages,
+)
+
+HANDBOOKS = {
+    "hr": """# People handbook
+
+## Annual leave
+Full-time employees get 27 days of annual leave per calendar year. Part-time staff get a pro-rata share
+of the same allowance, rounded up to the next half day.
+
+Leave requests go through the PeoplePortal form HR-12 at least two weeks before the first day off.
+
+## Sick leave
+A sick note from a doctor is needed from the third day of absence. Call your team lead before 9:00 on
+the first morning you are ill, and again each day until you have the note.
+
+## Parental leave
+Parents may take up to 36 months of parental leave per child. Tell the people team in writing at least
+seven weeks before it starts.
+""",
+    "it": """# Service desk handbook
+
+## Remote access
+The VPN host is vpn.kestrel.example and it needs the authenticator app on your phone. The client is
+preinstalled on every company laptop; the certificate is renewed every 365 days automatically.
+
+## Passwords
+Passwords must be at least 14 characters long. They expire every 180 days, and the last 12 passwords
+cannot be used again. Reset a forgotten password at reset.kestrel.example.
+
+## Printers
+Every floor has a printer named after its room, for example PRN-2-EAST. Print jobs are held until you
+badge in at the printer, and uncollected jobs are deleted after 24 hours.
+""",
+}
+CONVERSATIONS = {
+    "hr": [("How many vacation days do I get?", "Full-time employees get 27 days of annual leave a year."),
+           ("When do I need a sick note?", "From the third day of absence you need a doctor's note."),
+           ("Which form do I use for leave?", "Use the PeoplePortal form HR-12, two weeks ahead."),
+           ("How long can parental leave last?", "Up to 36 months per child."),
+           ("Who do I call when I'm ill?", "Call your team lead before 9:00."),
+           ("Do part-timers get leave too?", "Yes, a pro-rata share of the 27 days."),
+           ("How early must I announce parental leave?", "At least seven weeks before it starts, in writing."),
+           ("Can I book leave last minute?", "Requests should go in two weeks before the first day off.")],
+    "it": [("What's the VPN address?", "Connect to vpn.kestrel.example with the authenticator app."),
+           ("How long must my password be?", "At least 14 characters."),
+           ("How often do passwords expire?", "Every 180 days."),
+           ("I forgot my password, what now?", "Reset it at reset.kestrel.example."),
+           ("Where did my print job go?", "Jobs wait until you badge in at the printer, for 24 hours."),
+           ("Can I reuse an old password?", "Not any of your last 12 passwords."),
+           ("Do I need to install the VPN client?", "No, it is preinstalled on every company laptop."),
+           ("What is the printer on floor 2 called?", "For example PRN-2-EAST, named after its room.")],
+}
+QUESTIONS = {"hr": ["Is there a bonus for referrals?", "Who approves overtime?", "Can I carry leave over?"],
+             "it": ["Can I use my own laptop?", "Is there a guest Wi-Fi?", "How do I get a second screen?"]}
+
+
+def department(root, name, *, question_answer_lines=False):
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "handbook.md").write_text(HANDBOOKS[name], encoding="utf-8")
+    rows = [{"id": f"{name}-{i}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for i, (q, a) in enumerate(CONVERSATIONS[name])]
+    if question_answer_lines:  # the FAQ shape: {"question", "answer"}
+        rows = [{"id": r["id"], "question": r["messages"][0]["content"], "answer": r["messages"][1]["content"]}
+                for r in rows]
+    (folder / "conversations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (folder / "questions.txt").write_text("\n".join(QUESTIONS[name]) + "\n", encoding="utf-8")
+    return folder
+
+
+# ------------------------------------------------------------------------------------------ passages, search
+def test_a_handbook_is_cut_at_headings_and_paragraphs_and_found_by_its_words():
+    doc = Document("handbook.md", HANDBOOKS["hr"], "handbook.md")
+    passages = document_passages(doc, passage_words=40)
+    assert [p.title for p in passages] == ["Annual leave", "Annual leave", "Sick leave", "Parental leave"]
+    assert passages[0].text.startswith("Full-time employees get 27 days") and "HR-12" in passages[1].text
+    assert all(len(p.text.split()) <= 40 for p in passages)
+    assert len(document_passages(doc, passage_words=200)) == 3  # a section's paragraphs joined
+    index = PassageIndex.build(passages)
+    top = index.search("Do I need a doctor's note when I'm sick?", 2)
+    assert top[0].passage.title == "Sick leave" and top[0].score > 0
+    # stemming (porter): "requesting" finds "requests"; a question sharing no word finds nothing
+    assert index.search("requesting days off", 1)[0].passage.text == passages[1].text
+    assert index.search("zebra quantum", 3) == []
+    assert index.search("the and of", 3) == []  # stopwords only: no query at all
+
+
+def test_any_question_is_a_safe_fts5_query():
+    index = PassageIndex.build(document_passages(Document("h", HANDBOOKS["it"], "h"), 60))
+    for text in ['what "is" NEAR(vpn) OR *', "passwords -- AND ( )", "^printer: col:x", "'; DROP TABLE passages; --"]:
+        index.search(text, 2)  # never an FTS5 syntax error
+    assert fts_query('VPN "host" NEAR') == '"vpn" OR "host" OR "near"'
+    assert index.search("'; DROP TABLE passages; --", 5) == []  # words, not SQL: none is in the handbook
+    assert index.size == 3 and index.search("password printer", 5)
+
+
+def test_the_index_round_trips_as_bytes_and_a_broken_one_is_a_clear_error():
+    index = PassageIndex.build(document_passages(Document("h", HANDBOOKS["it"], "h"), 60))
+    again = PassageIndex.from_bytes(index.to_bytes())
+    assert again.passages() == index.passages()
+    assert [h.to_dict() for h in again.search("VPN host", 2)] == [h.to_dict() for h in index.search("VPN host", 2)]
+    with pytest.raises(BundleError, match="not a readable FTS5 index"):
+        PassageIndex.from_bytes(b"not a database" * 100)
+
+
+def test_training_conversations_get_the_passages_their_question_finds_but_never_their_own():
+    from temporal_lora.conversations import Conversation
+
+    convs = [Conversation(f"c{i}", [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+             for i, (q, a) in enumerate(CONVERSATIONS["hr"])]
+    passages = document_passages(Document("handbook.md", HANDBOOKS["hr"], "handbook.md"), 40)
+    index = PassageIndex.build(passages + [conversation_passage(c.id, *[m["content"] for m in c.messages])
+                                           for c in convs])
+    grounded = grounded_conversations(convs, index, "hr", k=2)
+    system = grounded[1].messages[0]
+    assert system["role"] == "system" and "hr department" in system["content"]
+    assert "third day of absence" in system["content"]  # the handbook's sick-leave passage
+    assert "When do I need a sick note?" not in system["content"]  # its own Q/A passage is left out
+    assert grounded[1].messages[1:] == convs[1].messages  # the turns themselves are unchanged
+    # a system message of the user's own is kept, the passages follow it
+    msgs = grounded_messages([{"role": "system", "content": "Be brief."}, *convs[0].messages], "hr",
+                             index.search("vacation days", 1))
+    assert msgs[0]["content"].startswith("Be brief.\n\nYou answer questions for the hr department")
+    assert grounded_messages(convs[0].messages, "hr", []) == convs[0].messages
+
+
+# ------------------------------------------------------------------------------------------ a department's folder
+def test_a_department_folder_mixes_handbook_conversations_and_question_lists(tmp_path):
+    folder = department(tmp_path, "hr", question_answer_lines=True)
+    (folder / "notes.txt").write_text("Our office plants are watered on Mondays.\nThe kitchen closes at six.\n",
+                                      encoding="utf-8")  # a .txt that is not a question list: one document
+    (folder / "more.jsonl").write_text(json.dumps({"text": "Where is the staff canteen?"}) + "\n"
+                                       + json.dumps({"question": "Who signs my contract?"}) + "\n", encoding="utf-8")
+    docs, convs = load_user_texts(folder)
+    ids = {d.id: d.text for d in docs}
+    assert ids["handbook.md"] == HANDBOOKS["hr"].strip()
+    assert ids["questions.txt:line-1"] == "Is there a bonus for referrals?" and len(
+        [i for i in ids if i.startswith("questions.txt:")]) == 3
+    assert "notes.txt" in ids  # a plain .txt is a document
+    assert ids["more.jsonl:line-1"] == "Where is the staff canteen?"
+    assert ids["more.jsonl:line-2"] == "Who signs my contract?"  # a question without an answer: a short text
+    assert len(convs) == len(CONVERSATIONS["hr"]) and convs[0].id == "conversations.jsonl:hr-0"
+    assert convs[0].messages == [{"role": "user", "content": CONVERSATIONS["hr"][0][0]},
+                                 {"role": "assistant", "content": CONVERSATIONS["hr"][0][1]}]
+    # the one handbook is never held out: it trains, the short texts and conversations give val/test
+    for seed in range(5):
+        splits = split_by_kind(docs, seed=seed, validated_elsewhere=True)
+        assert "handbook.md" in {d.id for d in splits.train}
+        assert splits.val and splits.test and all(len(d.text) < 400 for d in splits.val + splits.test)
+
+
+def test_one_kind_of_documents_splits_exactly_as_before():
+    from temporal_lora.data import split_documents
+
+    docs = [Document(f"d{i}", "word " * (100 + i), f"g{i % 7}") for i in range(30)]
+    assert split_by_kind(docs, seed=3) == split_documents(docs, seed=3)
+    assert split_by_kind(docs, seed=3, validated_elsewhere=True) == split_documents(docs, seed=3)
+
+
+# ------------------------------------------------------------------------------------------ a grounded bundle
+@pytest.fixture(scope="module")
+def chat_llama(tiny_llama, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("chat-llama") / "model"
+    shutil.copytree(tiny_llama, folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    tok.save_pretrained(folder)
+    return folder
+
+
+def grounded_config():
+    from support.tiny import tiny_config
+
+    # Small passages: the tiny model's context is short.
+    return replace(tiny_config(), grounding_passages=1, passage_words=20)
+
+
+@pytest.fixture(scope="module")
+def grounded_bundle(chat_llama, tmp_path_factory):
+    from temporal_lora.train import train_bundle
+
+    root = tmp_path_factory.mktemp("departments")
+    data = {name: department(root, name) for name in ("hr", "it")}
+    out = root / "bundle"
+    tl = train_bundle(["hr", "it"], out, base=str(chat_llama), data=data, config=grounded_config(),
+                      progress=False, log=lambda *a: None)
+    return tl, out, root
+
+
+def test_a_bundle_grounds_its_departments_and_keeps_their_indexes(grounded_bundle):
+    from temporal_lora.model import TemporalLoRA
+
+    tl, out, _ = grounded_bundle
+    assert sorted(tl.grounding) == ["hr", "it"] and tl.grounding_passages == 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["grounding"]["passages"] == 1
+    assert set(manifest["grounding"]["domains"]) == {"hr", "it"}
+    assert "grounding/hr.sqlite" in manifest["files"]
+    loaded = TemporalLoRA.from_pretrained(out)
+    assert loaded.grounding["it"].passages() == tl.grounding["it"].passages()
+    hits = loaded.passages_for("it", "what is the VPN host?")
+    assert hits and "vpn.kestrel.example" in hits[0].passage.text
+    assert loaded.passages_for(None, "what is the VPN host?") == []  # abstained: the base model, no passages
+    # held-out conversations are never passages (they would hand the answer to the evaluation)
+    held = {c for split in ("val_ids", "test_ids") for c in loaded.info["data"]["hr"]["conversations"][split]}
+    sources = {p.source for p in loaded.grounding["hr"].passages()}
+    assert held and not held & {s.removeprefix("conversation:") for s in sources}
+    assert "handbook.md" in sources
+    # a changed index file is caught by the manifest's checksums
+    broken = out.parent / "broken"
+    shutil.copytree(out, broken)
+    (broken / "grounding" / "hr.sqlite").write_bytes(b"x" * 64)
+    with pytest.raises(BundleError):
+        TemporalLoRA.from_pretrained(broken)
+
+
+def test_grounding_off_trains_without_indexes(chat_llama, grounded_bundle, tmp_path):
+    from temporal_lora.train import train_bundle
+
+    _, _, root = grounded_bundle
+    tl = train_bundle(["hr", "it"], tmp_path / "b", base=str(chat_llama), data={n: root / n for n in ("hr", "it")},
+                      config=grounded_config(), grounding="off", progress=False, log=lambda *a: None)
+    assert tl.grounding == {} and not (tmp_path / "b" / "grounding").exists()
+
+
+def test_answers_are_grounded_and_cite_their_passages(grounded_bundle, tmp_path):
+    from temporal_lora.answers import evaluate_answers
+    from temporal_lora.model import TemporalLoRA
+
+    _, out, _ = grounded_bundle
+    tl = TemporalLoRA.from_pretrained(out)
+    questions = [{"id": "vpn", "question": "Which VPN host do I connect to?", "domain": "it", "facts": ["vpn"]},
+                 {"id": "sick", "question": "From which day of absence is a sick note needed?", "domain": "hr"}]
+    report = evaluate_answers(tl, questions, tmp_path / "a", max_new_tokens=4, progress=False)
+    assert report["settings"]["grounded"] == ["hr", "it"]
+    oracle = {r["id"]: r["answers"]["oracle"] for r in report["questions"]}
+    assert "vpn.kestrel.example" in oracle["vpn"]["sources"][0]["text"]
+    assert oracle["sick"]["sources"][0]["title"] == "Sick leave"
+    assert "sources" not in report["questions"][0]["answers"]["base"]  # the base model is asked bare
+    plain = evaluate_answers(tl, questions, tmp_path / "b", max_new_tokens=4, grounded=False, progress=False)
+    assert plain["settings"]["grounded"] == []
+    assert all("sources" not in r["answers"]["oracle"] for r in plain["questions"])
+    # the grounded prompt is the one the adapter trained on: the passages in the system turn
+    question = [{"role": "user", "content": "Which VPN host do I connect to?"}]
+    prompt, hits = tl.grounded_chat(question, "it", room=4)
+    assert prompt.startswith("<system>You answer questions for the it department") and "vpn.kestrel.example" in prompt
+    assert [h.to_dict() for h in hits] == oracle["vpn"]["sources"]
+    # passages that would not leave room for the answer are dropped, the weakest first
+    assert tl.grounded_chat(question, "it", room=tl.context_length - 20) == (tl.render_chat(question), [])
+    assert tl.grounded_chat(question, None) == (tl.render_chat(question), [])
+
+
+def test_adding_a_department_keeps_the_others_indexes_byte_identical(grounded_bundle, tmp_path):
+    from temporal_lora.evolve import add_domain, remove_domain
+    from temporal_lora.model import TemporalLoRA
+
+    _, src, root = grounded_bundle
+    bundle = tmp_path / "b"
+    shutil.copytree(src, bundle)
+    before = {d: (bundle / "grounding" / f"{d}.sqlite").read_bytes() for d in ("hr", "it")}
+    it2 = tmp_path / "data"
+    department(it2, "it")
+    (it2 / "it" / "handbook.md").write_text(HANDBOOKS["it"].replace("vpn.kestrel", "gate.kestrel"), encoding="utf-8")
+    add_domain(bundle, "helpdesk", data=it2 / "it", config=grounded_config(), progress=False, log=lambda *a: None)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert set(manifest["grounding"]["domains"]) == {"hr", "it", "helpdesk"}
+    for d, raw in before.items():
+        assert (bundle / "grounding" / f"{d}.sqlite").read_bytes() == raw
+    tl = TemporalLoRA.from_pretrained(bundle)
+    assert "gate.kestrel.example" in tl.passages_for("helpdesk", "VPN host")[0].passage.text
+    remove_domain(bundle, "hr")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert set(manifest["grounding"]["domains"]) == {"it", "helpdesk"}
+    assert not (bundle / "grounding" / "hr.sqlite").exists()
+    assert (bundle / "grounding" / "it.sqlite").read_bytes() == before["it"]
