@@ -45,6 +45,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
               "router accuracy in-source, on held-out sources and on questions (generalisation.json)"),
     Benchmark("requests", "benchmarks.requests", "RequestsSettings",
               "short requests by department and out-of-scope ones: our router vs TF-IDF / MiniLM + LR (requests.json)"),
+    Benchmark("answers", "benchmarks.answers", "AnswersSettings",
+              "a department chatbot judged by its answers' facts: worked example and Django FAQ, by lever (answers.json)"),
     Benchmark("conversations", "benchmarks.conversations", "ConversationsSettings",
               "conversations as training data on the Django FAQ (styles.json: conversations)"),
     Benchmark("styles", "benchmarks.styles", "StylesSettings",

@@ -164,7 +164,11 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tiny_llama, tmp_path, capsys):
     report_dir = tmp_path / "demo" / "report"
     on_disk = json.loads((report_dir / "report.json").read_text())
     assert on_disk["demo_timing"]["total"] == report["demo_timing"]["total"]
-    assert {"train", "evaluate", "samples"} <= set(on_disk["demo_timing"])
+    assert {"train", "evaluate", "samples", "answers"} <= set(on_disk["demo_timing"])
+    # the FAQ's answers are judged (no 'technical' domain here: every question without a domain)
+    answers = json.loads((tmp_path / "demo" / "answers" / "answers.json").read_text())
+    assert answers["summary"]["overall"]["questions"] == on_disk["answers"]["summary"]["questions"] > 40
+    assert answers["summary"]["overall"]["arms"]["routed"]["token_f1"] is not None
     samples = json.loads((report_dir / "samples.json").read_text())
     assert [s["true_domain"] for s in samples] == ["code", "literature"]
     assert all(s["route"]["domain"] in ("code", "literature") for s in samples)

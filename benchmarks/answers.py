@@ -1,0 +1,215 @@
+"""Answers judged by what they state (issue 27): a department chatbot trained from the data a department
+has, asked questions worded differently from its training ones.
+
+Two examples, each trained once per *lever* (a bundle per lever, quick budget unless `--budget`):
+
+- `kestrel`: the worked example of the README (examples/kestrel: a fictional company's HR, IT and
+  finance departments, each a folder with a handbook, ~25 answered conversations and a question
+  list). Questions: 30 held-out paraphrases (eval/*.heldout.jsonl), the first question of 24
+  training conversations verbatim (eval/*.training.jsonl), and 10 off-topic ones (eval/off-topic.jsonl,
+  no department). Scored by fact recall: every fact regex found in the answer.
+- `django-faq`: the public example. A `technical` department whose folder holds Django's documents
+  (the built-in technical corpus, which never contains the FAQ) and 60% of Django's FAQ as answered
+  conversations, beside the built-in `code` and `legal` domains; the other 40% of the FAQ are the
+  held-out questions. The FAQ has reference answers, not fact lists: scored by token F1.
+
+Levers: `adapters` (grounding off: the adapter learns the handbook and the conversations, as before
+this issue), `grounded` (the default: per-department FTS5 passages in the prompt, the adapter trained
+on prompts of that shape). Arms per question set: base (no adapter, no passages), routed, oracle.
+
+Everything resumes: bundles, answer caches (`tlora eval`'s) and finished phases live under `--work`.
+Writes answers.json and answers.md to `--out`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.common import Phases, check_recipe, hardware
+from benchmarks.flags import flag
+from temporal_lora.answers import evaluate_answers
+from temporal_lora.cache import atomic_write_text
+from temporal_lora.conversations import (
+    builtin_conversations,
+    conversation_record,
+    split_conversations,
+)
+from temporal_lora.corpora import load_builtin
+from temporal_lora.model import TemporalLoRA
+from temporal_lora.train import train_bundle
+
+KESTREL = Path("examples/kestrel")
+DEPARTMENTS = ("hr", "it", "finance")
+LEVERS = {"adapters": "off", "grounded": "auto"}
+ARMS = "base,routed,oracle"
+FAQ_TEST_FRAC = 0.4
+FAQ_DOMAINS = ("technical", "code", "legal")
+GOALS = {"held_out_routed": 0.70, "routed_vs_oracle": 0.05, "training_routed": 0.90}
+
+
+@dataclass
+class AnswersSettings:
+    """The flags of `python -m benchmarks answers`."""
+
+    examples: tuple[str, ...] = flag(("kestrel", "django-faq"), "which examples to run",
+                                     choices=("kestrel", "django-faq"))
+    levers: tuple[str, ...] = flag(tuple(LEVERS), "which levers to train and ask", choices=tuple(LEVERS))
+    budget: str = flag("quick", "training budget of every bundle", choices=("quick", "full"))
+    seed: int = flag(0, "seed of the bundles and of the FAQ's held-out share")
+    max_new_tokens: int = flag(48, "tokens per answer (greedy)")
+    work: Path = flag(Path("runs/answers"), "bundles, answer caches, phases (resume point)")
+    out: Path = flag(Path("benchmarks/results/answers"), "answers.json, answers.md")
+
+
+# ------------------------------------------------------------------------------------------ examples
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def kestrel_example(root: Path = KESTREL) -> tuple[dict[str, Path], list[str], dict[str, list[dict]]]:
+    """(data folders, domains, question sets) of the worked example."""
+    sets = {"held_out": [q for d in DEPARTMENTS for q in read_jsonl(root / "eval" / f"{d}.heldout.jsonl")],
+            "training": [q for d in DEPARTMENTS for q in read_jsonl(root / "eval" / f"{d}.training.jsonl")],
+            "off_topic": read_jsonl(root / "eval" / "off-topic.jsonl")}
+    return {d: root / d for d in DEPARTMENTS}, list(DEPARTMENTS), sets
+
+
+def faq_example(work: Path, seed: int) -> tuple[dict[str, Path], list[str], dict[str, list[dict]]]:
+    """The public example: a `technical` folder of Django's documents and 60% of the FAQ as answered
+    conversations; the other 40% as held-out questions with their reference answers."""
+    folder = work / "data" / "technical"
+    convs = builtin_conversations("django-faq")
+    sp = split_conversations(convs, seed, "django-faq", val_frac=0.0, test_frac=FAQ_TEST_FRAC)
+    held = sp.val + sp.test
+    if not (folder / "faq.jsonl").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        docs = load_builtin("technical")
+        atomic_write_text(folder / "documents.jsonl", "".join(
+            json.dumps({"id": d.id, "text": d.text, "group": d.group}, ensure_ascii=False) + "\n" for d in docs))
+        atomic_write_text(folder / "faq.jsonl", "".join(
+            json.dumps(conversation_record(c), ensure_ascii=False) + "\n" for c in sp.train))
+    questions = [{"id": c.id, "question": _first(c, "user"), "domain": "technical", "answer": _first(c, "assistant")}
+                 for c in held]
+    training = [{"id": c.id, "question": _first(c, "user"), "domain": "technical", "answer": _first(c, "assistant")}
+                for c in sp.train]
+    return {"technical": folder}, list(FAQ_DOMAINS), {"held_out": questions, "training": training}
+
+
+def _first(conv, role: str) -> str:
+    return next(m["content"] for m in conv.messages if m["role"] == role)
+
+
+def taught(bundle: TemporalLoRA, data: dict[str, Path], questions: list[dict]) -> list[dict]:
+    """The training questions whose conversation is in its domain's training split (the bundle holds
+    some conversations out for validation and test: those it was never taught)."""
+    from temporal_lora.conversations import load_user_texts
+
+    held = {f"{d}:{cid}" for d, info in bundle.info.get("data", {}).items()
+            for cid in (info.get("conversations") or {}).get("val_ids", []) +
+            (info.get("conversations") or {}).get("test_ids", [])}
+    first = {}
+    for domain, path in data.items():
+        for conv in load_user_texts(path)[1]:
+            first.setdefault((domain, _first(conv, "user")), f"{domain}:{conv.id}")
+    return [q for q in questions if first.get((q["domain"], q["question"])) not in held
+            and (q["domain"], q["question"]) in first]
+
+
+# ------------------------------------------------------------------------------------------ the run
+def summary_of(report: dict) -> dict:
+    overall = report["summary"]["overall"]
+    arms = overall["arms"]
+    return {"questions": overall["questions"], "routing": overall["routing"]["accuracy"],
+            "abstained": overall["routing"]["abstained"],
+            "fact_recall": {a: arms[a]["fact_recall"] for a in arms},
+            "token_f1": {a: arms[a]["token_f1"] for a in arms},
+            "by_domain": {d: {"routing": g["routing"]["accuracy"],
+                              "fact_recall": {a: g["arms"][a]["fact_recall"] for a in g["arms"]}}
+                          for d, g in report["summary"]["by_domain"].items()}}
+
+
+def run_lever(settings: AnswersSettings, phases: Phases, example: str, lever: str, data: dict[str, Path],
+              domains: list[str], sets: dict[str, list[dict]]) -> dict:
+    """Train (or reuse) one lever's bundle of an example and ask it every question set."""
+    work = settings.work / example / lever
+    bundle = work / "bundle"
+
+    def trained() -> dict:
+        t0 = time.perf_counter()
+        if not (bundle / "manifest.json").is_file():
+            train_bundle(domains, bundle, data=data, budget=settings.budget, seed=settings.seed,
+                         grounding=LEVERS[lever])
+        return {"seconds": round(time.perf_counter() - t0, 1)}
+
+    entry = {"train_seconds": phases.run(f"{example}/{lever}/train", trained)["seconds"]}
+    loaded: list[TemporalLoRA] = []
+    for name, questions in sets.items():
+        def asked(name: str = name, questions: list[dict] = questions) -> dict:
+            if not loaded:
+                loaded.append(TemporalLoRA.from_pretrained(bundle))
+            tl = loaded[0]
+            chosen = taught(tl, data, questions) if name == "training" else questions
+            report = evaluate_answers(tl, chosen, work / name, arms=ARMS, max_new_tokens=settings.max_new_tokens)
+            return summary_of(report) | {"eval_seconds": report["timing"]["seconds"],
+                                         "generated": report["timing"]["generated"], "of_given": len(questions)}
+        entry[name] = phases.run(f"{example}/{lever}/{name}", asked)
+    return entry
+
+
+def run(settings: AnswersSettings) -> dict:
+    settings.work.mkdir(parents=True, exist_ok=True)
+    check_recipe(settings.work, {"budget": settings.budget, "seed": settings.seed,
+                                 "max_new_tokens": settings.max_new_tokens})
+    phases = Phases(settings.work, print)
+    results: dict = {}
+    for example in settings.examples:
+        data, domains, sets = kestrel_example() if example == "kestrel" else \
+            faq_example(settings.work / example, settings.seed)
+        results[example] = {lever: run_lever(settings, phases, example, lever, data, domains, sets)
+                            for lever in settings.levers}
+    out = {"settings": {"budget": settings.budget, "seed": settings.seed, "max_new_tokens": settings.max_new_tokens,
+                        "arms": ARMS, "levers": {k: f"grounding {v}" for k, v in LEVERS.items()},
+                        "hardware": hardware()},
+           "goals": GOALS, "examples": results}
+    settings.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(settings.out / "answers.json", json.dumps(out, indent=2) + "\n")
+    atomic_write_text(settings.out / "answers.md", markdown(out))
+    print(markdown(out))
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{x:.0%}"
+
+
+def _f1(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def markdown(r: dict) -> str:
+    s = r["settings"]
+    lines = ["# Answers judged by their facts", "",
+             f"`python -m benchmarks answers` ({s['budget']} budget, seed {s['seed']}, greedy, at most "
+             f"{s['max_new_tokens']} new tokens, chat template; {s['hardware']}).", "",
+             "Fact recall: the share of questions whose every fact regex is in the answer. Training questions: "
+             "those whose conversation is in the bundle's training split. Routing: routed to the question's own "
+             "department.", ""]
+    for example, levers in r["examples"].items():
+        lines += [f"## {example}", "", "| lever | questions | n | routing | base | routed | oracle | "
+                  "F1 base | F1 routed | F1 oracle | eval s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for lever, entry in levers.items():
+            for name in ("held_out", "training", "off_topic"):
+                e = entry.get(name)
+                if not e:
+                    continue
+                fr, f1 = e["fact_recall"], e["token_f1"]
+                lines.append(f"| {lever} | {name} | {e['questions']} | {_pct(e['routing'])} | "
+                             f"{_pct(fr.get('base'))} | {_pct(fr.get('routed'))} | {_pct(fr.get('oracle'))} | "
+                             f"{_f1(f1.get('base'))} | {_f1(f1.get('routed'))} | {_f1(f1.get('oracle'))} | "
+                             f"{e['eval_seconds']:.0f} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
