@@ -15,7 +15,9 @@ Two examples, each trained once per *lever* (a bundle per lever, quick budget un
 
 Levers: `adapters` (grounding off: the adapter learns the handbook and the conversations, as before
 this issue), `grounded` (the default: per-department FTS5 passages in the prompt, the adapter trained
-on prompts of that shape). Arms per question set: base (no adapter, no passages), routed, oracle.
+on prompts of that shape), `grounded+written` (also questions the base model wrote from the handbook's
+fact sentences and rewordings of the training questions, synthesis.py). Arms per question set: base
+(no adapter, no passages), routed, oracle.
 
 Everything resumes: bundles, answer caches (`tlora eval`'s) and finished phases live under `--work`.
 Writes answers.json and answers.md to `--out`.
@@ -25,13 +27,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from benchmarks.common import Phases, check_recipe, hardware
 from benchmarks.flags import flag
 from temporal_lora.answers import evaluate_answers
 from temporal_lora.cache import atomic_write_text
+from temporal_lora.config import budget_config
 from temporal_lora.conversations import (
     builtin_conversations,
     conversation_record,
@@ -43,7 +46,10 @@ from temporal_lora.train import train_bundle
 
 KESTREL = Path("examples/kestrel")
 DEPARTMENTS = ("hr", "it", "finance")
-LEVERS = {"adapters": "off", "grounded": "auto"}
+# Each lever is a bundle trained with these settings over the budget's preset.
+LEVERS = {"adapters": {"grounding": "off"},
+          "grounded": {"grounding": "auto"},
+          "grounded+written": {"grounding": "auto", "synthetic_questions": 64, "paraphrase_questions": True}}
 ARMS = "base,routed,oracle"
 FAQ_TEST_FRAC = 0.4
 FAQ_DOMAINS = ("technical", "code", "legal")
@@ -140,8 +146,8 @@ def run_lever(settings: AnswersSettings, phases: Phases, example: str, lever: st
     def trained() -> dict:
         t0 = time.perf_counter()
         if not (bundle / "manifest.json").is_file():
-            train_bundle(domains, bundle, data=data, budget=settings.budget, seed=settings.seed,
-                         grounding=LEVERS[lever])
+            cfg = replace(budget_config(settings.budget, settings.seed), **LEVERS[lever])
+            train_bundle(domains, bundle, data=data, config=cfg)
         return {"seconds": round(time.perf_counter() - t0, 1)}
 
     entry = {"train_seconds": phases.run(f"{example}/{lever}/train", trained)["seconds"]}
@@ -171,7 +177,7 @@ def run(settings: AnswersSettings) -> dict:
         results[example] = {lever: run_lever(settings, phases, example, lever, data, domains, sets)
                             for lever in settings.levers}
     out = {"settings": {"budget": settings.budget, "seed": settings.seed, "max_new_tokens": settings.max_new_tokens,
-                        "arms": ARMS, "levers": {k: f"grounding {v}" for k, v in LEVERS.items()},
+                        "arms": ARMS, "levers": LEVERS,
                         "hardware": hardware()},
            "goals": GOALS, "examples": results}
     settings.out.mkdir(parents=True, exist_ok=True)

@@ -297,3 +297,50 @@ def test_adding_a_department_keeps_the_others_indexes_byte_identical(grounded_bu
     assert set(manifest["grounding"]["domains"]) == {"it", "helpdesk"}
     assert not (bundle / "grounding" / "hr.sqlite").exists()
     assert (bundle / "grounding" / "it.sqlite").read_bytes() == before["it"]
+
+
+# ------------------------------------------------------------------------------------------ written questions
+def test_written_questions_are_kept_only_when_they_find_their_passage(monkeypatch):
+    from temporal_lora import synthesis
+    from temporal_lora.conversations import Conversation
+
+    passages = document_passages(Document("handbook.md", HANDBOOKS["it"], "handbook.md"), 40)
+    index = PassageIndex.build(passages + document_passages(Document("hr.md", HANDBOOKS["hr"], "hr.md"), 40))
+    facts = synthesis.fact_sentences(index, 20)
+    assert facts[0] == (passages[0].text, "The VPN host is vpn.kestrel.example and it needs the authenticator "
+                                          "app on your phone.")
+    assert [s for _, s in facts].index("Passwords must be at least 14 characters long.") == 1  # spread over passages
+    written = {"The VPN host is": "Which VPN host do I connect to?",  # kept: finds the remote-access passage
+               "Passwords must": "How long must my password be?",  # kept
+               "Reset a forgotten": "How do I reset the library password?",  # borrows the examples' words
+               # shares "days" with its sentence, but finds HR's passages
+               "They expire": "How many days of annual leave do full-time employees get per calendar year?",
+               "Every floor has": "What is the printer called? And where?"}  # two questions
+    monkeypatch.setattr(synthesis, "complete", lambda model, tok, prompts: [
+        next((q for k, q in written.items() if f"Sentence: {k}" in p), "Printer?") for p in prompts])
+    convs = synthesis.synthesised_conversations(None, None, index, "it", 20, k=2)
+    assert [(c.messages[0]["content"], c.messages[1]["content"][:16]) for c in convs] == [
+        ("Which VPN host do I connect to?", "The VPN host is "), ("How long must my password be?", "Passwords must b")]
+    assert synthesis.well_formed("Which VPN host do I use?", "The VPN host is vpn.kestrel.example.")
+    assert not synthesis.well_formed("Which host?", "The VPN host is vpn.kestrel.example.")  # too short
+    assert not synthesis.well_formed("What is the capital of France?", "The VPN host is vpn.kestrel.example.")
+
+    original = Conversation("c1", [{"role": "user", "content": "What's the VPN address?"},
+                                   {"role": "assistant", "content": "vpn.kestrel.example"}])
+    rewordings = iter(["Which server do I use for VPN access from home?", "What is the printer on my floor?"])
+    monkeypatch.setattr(synthesis, "complete", lambda model, tok, prompts: [next(rewordings) for _ in prompts])
+    kept = synthesis.paraphrased_conversations(None, None, [original, replace(original, id="c2")], index)
+    assert [(c.id, c.messages[0]["content"], c.messages[1]) for c in kept] == [
+        ("c1~paraphrase", "Which server do I use for VPN access from home?", original.messages[1])]
+
+
+def test_training_with_written_questions_runs_on_a_tiny_model(chat_llama, grounded_bundle, tmp_path):
+    from temporal_lora.train import train_bundle
+
+    _, _, root = grounded_bundle
+    lines = []
+    cfg = replace(grounded_config(), synthetic_questions=8, paraphrase_questions=True)
+    tl = train_bundle(["hr", "it"], tmp_path / "b", base=str(chat_llama), data={n: root / n for n in ("hr", "it")},
+                      config=cfg, progress=False, log=lines.append)
+    assert sorted(tl.grounding) == ["hr", "it"]
+    assert sum(line.startswith("grounding '") for line in lines) == 2

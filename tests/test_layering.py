@@ -21,7 +21,7 @@ LAYERS = [
     ["backbone", "adapters", "mixing", "gguf_files", "llamacpp"],
     ["routing"],
     ["bundle", "storage", "model", "versions"],
-    ["train", "evolve", "questions"],
+    ["train", "evolve", "questions", "synthesis"],
     ["evaluate", "scoring", "answers"],
     ["cli", "server", "demo", "export", "segments", PACKAGE],
 ]

@@ -62,6 +62,7 @@ from temporal_lora.routing.gating import GatingNetwork, fit_router
 from temporal_lora.routing.lexical import fit_router_lexical, hashed_rows
 from temporal_lora.routing.replay import text_features
 from temporal_lora.storage import DEFAULT_EXAMPLE_WEIGHT, example_id
+from temporal_lora.synthesis import paraphrased_conversations, synthesised_conversations
 from temporal_lora.text import pad_batch, pad_id, separator_id, tokenize
 
 TRAIN_INITS = ("base", "shared")
@@ -151,6 +152,20 @@ def ground_training(dd: DomainData, index: PassageIndex, cfg: TrainConfig, token
             <= max_tokens
 
     train = grounded_conversations(dd.conversations.train, index, dd.name, cfg.grounding_passages, fits)
+    return replace(dd, conversations=replace(dd.conversations, train=train))
+
+
+def with_written_questions(dd: DomainData, index: PassageIndex, cfg: TrainConfig, model, tokenizer) -> DomainData:
+    """A grounded domain's training conversations plus the questions the base model wrote from its
+    own data (`cfg.synthetic_questions`, `cfg.paraphrase_questions`; synthesis.py)."""
+    if dd.conversations is None or not (cfg.synthetic_questions or cfg.paraphrase_questions):
+        return dd
+    train = list(dd.conversations.train)
+    if cfg.paraphrase_questions:
+        train += paraphrased_conversations(model, tokenizer, dd.conversations.train, index)
+    if cfg.synthetic_questions:
+        train += synthesised_conversations(model, tokenizer, index, dd.name, cfg.synthetic_questions,
+                                           cfg.grounding_passages)
     return replace(dd, conversations=replace(dd.conversations, train=train))
 
 
@@ -494,9 +509,13 @@ def train_bundle(
     spec = resolve_feature_spec(cfg.router.features, len(decoder_layers(model)))
     timing["load_base_model"] = time.perf_counter() - t0
     for name, index in grounding.items():
-        datasets[name] = ground_training(datasets[name], index, cfg, tokenizer, conversation_tokens(model, tokenizer))
+        before = len(datasets[name].conversations.train) if datasets[name].conversations else 0
+        dd = with_written_questions(datasets[name], index, cfg, model, tokenizer)
+        datasets[name] = ground_training(dd, index, cfg, tokenizer, conversation_tokens(model, tokenizer))
+        written = len(dd.conversations.train) - before if dd.conversations else 0
         run.log(f"grounding '{name}': {index.size} passages; its training answers see the top "
-                f"{cfg.grounding_passages} for their question")
+                f"{cfg.grounding_passages} for their question" + (f"; {written} questions written by the "
+                                                                 "base model" if written else ""))
 
     training, splits_info, router_data, router_short, router_turns = {}, {}, {}, {}, {}
     # Adapters are staged next to the output; under `accelerate launch` every process must see the

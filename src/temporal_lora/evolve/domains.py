@@ -60,6 +60,7 @@ from temporal_lora.train import (
     router_features,
     router_text,
     validate_domains,
+    with_written_questions,
 )
 from temporal_lora.versions import commit, copy_files
 
@@ -101,6 +102,7 @@ def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None,
         index = grounding_index(dd, replace(cfg, grounding_passages=k), data is not None)
     add.load_model(base)
     if index is not None:
+        dd = with_written_questions(dd, index, cfg, add.model, add.tokenizer)
         dd = ground_training(dd, index, replace(cfg, grounding_passages=k), add.tokenizer,
                              conversation_tokens(add.model, add.tokenizer))
     with add.timed("load_replay"):
