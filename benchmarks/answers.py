@@ -97,11 +97,18 @@ def faq_example(work: Path, seed: int) -> tuple[dict[str, Path], list[str], dict
             json.dumps({"id": d.id, "text": d.text, "group": d.group}, ensure_ascii=False) + "\n" for d in docs))
         atomic_write_text(folder / "faq.jsonl", "".join(
             json.dumps(conversation_record(c), ensure_ascii=False) + "\n" for c in sp.train))
-    questions = [{"id": c.id, "question": _first(c, "user"), "domain": "technical", "answer": _first(c, "assistant")}
-                 for c in held]
-    training = [{"id": c.id, "question": _first(c, "user"), "domain": "technical", "answer": _first(c, "assistant")}
-                for c in sp.train]
-    return {"technical": folder}, list(FAQ_DOMAINS), {"held_out": questions, "training": training}
+    return {"technical": folder}, list(FAQ_DOMAINS), {"held_out": _faq_questions(held),
+                                                      "training": _faq_questions(sp.train)}
+
+
+def _faq_questions(convs) -> list[dict]:
+    """Questions with the FAQ's reference answers; ids made unique (two FAQ headings share a slug)."""
+    out, seen = [], set()
+    for c in convs:
+        qid = c.id if c.id not in seen else f"{c.id}#{len(out)}"
+        seen.add(qid)
+        out.append({"id": qid, "question": _first(c, "user"), "domain": "technical", "answer": _first(c, "assistant")})
+    return out
 
 
 def _first(conv, role: str) -> str:
