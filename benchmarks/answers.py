@@ -76,11 +76,21 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def kestrel_example(root: Path = KESTREL) -> tuple[dict[str, Path], list[str], dict[str, list[dict]]]:
-    """(data folders, domains, question sets) of the worked example."""
+    """(data folders, domains, question sets) of the worked example (its out-of-scope training texts:
+    `out_of_scope`)."""
     sets = {"held_out": [q for d in DEPARTMENTS for q in read_jsonl(root / "eval" / f"{d}.heldout.jsonl")],
             "training": [q for d in DEPARTMENTS for q in read_jsonl(root / "eval" / f"{d}.training.jsonl")],
             "off_topic": read_jsonl(root / "eval" / "off-topic.jsonl")}
     return {d: root / d for d in DEPARTMENTS}, list(DEPARTMENTS), sets
+
+
+def out_of_scope(example: str) -> list[str]:
+    """Texts no department should answer, which choose the abstain threshold (`--out-of-scope`): the
+    worked example has them, the public one does not (its bundle never abstains)."""
+    if example != "kestrel":
+        return []
+    return [line.strip() for line in (KESTREL / "out-of-scope.txt").read_text(encoding="utf-8").splitlines()
+            if line.strip()]
 
 
 def faq_example(work: Path, seed: int) -> tuple[dict[str, Path], list[str], dict[str, list[dict]]]:
@@ -154,7 +164,9 @@ def run_lever(settings: AnswersSettings, phases: Phases, example: str, lever: st
         t0 = time.perf_counter()
         if not (bundle / "manifest.json").is_file():
             cfg = replace(budget_config(settings.budget, settings.seed), **LEVERS[lever])
-            train_bundle(domains, bundle, data=data, config=cfg)
+            texts = out_of_scope(example)
+            train_bundle(domains, bundle, data=data, config=cfg, out_of_scope=texts or None,
+                         abstain_threshold="auto" if texts else None)
         return {"seconds": round(time.perf_counter() - t0, 1)}
 
     entry = {"train_seconds": phases.run(f"{example}/{lever}/train", trained)["seconds"]}

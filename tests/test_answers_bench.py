@@ -60,3 +60,10 @@ def test_the_table_has_a_row_per_lever_and_question_set():
     md = bench.markdown({"settings": {"budget": "quick", "seed": 0, "max_new_tokens": 48, "hardware": "cpu"},
                          "examples": {"kestrel": {"grounded": {"train_seconds": 1, "held_out": entry}}}})
     assert "| grounded | held_out | 30 | 90% | 0% | 70% | 73% | 0.100 | – | – | 12 |" in md
+
+
+def test_the_out_of_scope_training_texts_are_not_the_off_topic_test_questions():
+    texts = bench.out_of_scope("kestrel")
+    _, _, sets = bench.kestrel_example(ROOT)
+    assert len(texts) >= 20 and not set(texts) & {q["question"] for q in sets["off_topic"]}
+    assert bench.out_of_scope("django-faq") == []
