@@ -282,6 +282,17 @@ def test_adding_a_department_keeps_the_others_indexes_byte_identical(grounded_bu
     bundle = tmp_path / "b"
     shutil.copytree(src, bundle)
     before = {d: (bundle / "grounding" / f"{d}.sqlite").read_bytes() for d in ("hr", "it")}
+    questions = [{"id": "vpn", "question": "Which VPN host do I connect to?", "domain": "it"},
+                 {"id": "sick", "question": "From which day of absence is a sick note needed?", "domain": "hr"}]
+
+    def oracle_answers():
+        from temporal_lora.answers import evaluate_answers
+
+        report = evaluate_answers(TemporalLoRA.from_pretrained(bundle), questions, None, arms="oracle",
+                                  max_new_tokens=6, progress=False)
+        return [(r["answers"]["oracle"]["text"], r["answers"]["oracle"]["sources"]) for r in report["questions"]]
+
+    answered = oracle_answers()
     it2 = tmp_path / "data"
     department(it2, "it")
     (it2 / "it" / "handbook.md").write_text(HANDBOOKS["it"].replace("vpn.kestrel", "gate.kestrel"), encoding="utf-8")
@@ -290,6 +301,7 @@ def test_adding_a_department_keeps_the_others_indexes_byte_identical(grounded_bu
     assert set(manifest["grounding"]["domains"]) == {"hr", "it", "helpdesk"}
     for d, raw in before.items():
         assert (bundle / "grounding" / f"{d}.sqlite").read_bytes() == raw
+    assert oracle_answers() == answered  # the old departments answer exactly as before (greedy)
     tl = TemporalLoRA.from_pretrained(bundle)
     assert "gate.kestrel.example" in tl.passages_for("helpdesk", "VPN host")[0].passage.text
     remove_domain(bundle, "hr")
