@@ -64,9 +64,18 @@ class Generator:
         mode = self.checks.mode(req)
         release = self.admission.admit(unit)
         call = Call(release)
+        sources: list[dict] | None = None  # the passages a grounded answer cites
+        prompt_ids = p.prompt_ids
         try:
             sampling = [self.checks.sampling(req, p.max_new, i) for i in range(req.n)]
-            for prompt, ids in zip(p.prompt_ids, p.route_ids, strict=True):
+            if p.kind == "chat" and unit.tl.grounding:  # a bundle that grounds says what each answer cites
+                sources = []
+                if self.checks.grounds(p):
+                    # The passages depend on the route, so the router runs here first; the engine routes the
+                    # same ids again when it batches the job, which is deterministic: the same decision.
+                    grounded_ids, sources = await asyncio.to_thread(self.checks.ground, p, forced)
+                    prompt_ids = [grounded_ids]
+            for prompt, ids in zip(prompt_ids, p.route_ids, strict=True):
                 # style 'auto' reads the prompt's register, also when the domain is forced
                 route = Route(domain=forced, route_ids=None if forced and req.style != "auto" else ids, mode=mode,
                               top_k=req.top_k, style=req.style)
@@ -77,7 +86,7 @@ class Generator:
             release()
             raise
         started = time.perf_counter()
-        prompt_tokens = sum(len(ids) for ids in p.prompt_ids)
+        prompt_tokens = sum(len(ids) for ids in prompt_ids)
         self.metrics.tokens.labels("prompt").inc(prompt_tokens)
         k = len(call.jobs)
         routes: list[dict | None] = [None] * k
@@ -88,6 +97,8 @@ class Generator:
                 if event[0] == "route":  # metrics count one route per prompt, not per choice
                     routes[index] = routing_info(self.metrics, unit, req.model, forced, mode, event[1], event[2],
                                                  count=index % req.n == 0, style=event[3])
+                    if sources is not None:
+                        routes[index] |= {"grounded": bool(sources), "sources": sources}
                 elif event[0] == "error":
                     raise event[1]
                 else:

@@ -64,6 +64,8 @@ class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
+    grounded: bool | None = Field(default=None, description="answer from the answering domain's own passages "
+                                                            "(default: yes, where the bundle grounds that domain)")
 
 
 class RouteRequest(BaseModel):

@@ -33,6 +33,7 @@ class Prepared:
     route_texts: list[str]  # what the router reads, one per prompt (chat: the newest user turns)
     route_ids: list[list[int]]  # the same, tokenized
     max_new: int
+    messages: list[dict] | None = None  # chat: the messages, for a grounded prompt (`RequestChecks.ground`)
 
     @property
     def endpoint(self) -> str:
@@ -74,7 +75,27 @@ class RequestChecks:
         self.check_lengths(prompt_ids, max_new, tl)
         route_text = self.chat_route_text(req, tl)
         return Prepared("chat", req, unit, [prompt_ids], [route_text], [self.encode(tl, route_text, "messages")],
-                        max_new)
+                        max_new, messages)
+
+    def grounds(self, p: Prepared) -> bool:
+        """Whether a request's prompt gets passages: a chat request, not `grounded: false`, to a bundle
+        with grounded domains."""
+        return p.kind == "chat" and p.req.grounded is not False and bool(p.unit.tl.grounding)
+
+    def ground(self, p: Prepared, forced: str | None) -> tuple[list[int], list[dict]]:
+        """A chat request's prompt grounded in the answering domain's passages (grounding.py) and those
+        passages: the forced domain's, else the routed one's (none when the router abstains or the base
+        model is forced). Blocking (routes, searches): call it off the event loop."""
+        tl = p.unit.tl
+        if forced is not None:
+            domain = None if forced == "base" else forced.split("/")[0]  # 'legal/plain': legal's passages
+        else:
+            decision = p.unit.engine.route(p.route_texts)[0]
+            domain = None if decision.abstained or not decision.domain else decision.domain.split("/")[0]
+        prompt, hits = tl.grounded_chat(p.messages or [], domain, p.max_new)
+        ids = self.encode(tl, prompt, "messages")
+        self.check_lengths(ids, p.max_new, tl)
+        return ids, [h.to_dict() for h in hits]
 
     def route_inputs(self, texts: list[str], tl: TemporalLoRA) -> None:
         """The texts of a /v1/route request: at least one, each non-empty and within the prompt limit."""
