@@ -171,15 +171,26 @@ def run_lever(settings: AnswersSettings, phases: Phases, example: str, lever: st
 
     entry = {"train_seconds": phases.run(f"{example}/{lever}/train", trained)["seconds"]}
     loaded: list[TemporalLoRA] = []
-    for name, questions in sets.items():
-        def asked(name: str = name, questions: list[dict] = questions) -> dict:
+    # A bundle that abstains is also asked its held-out questions with abstention off: what the
+    # threshold costs the routed answers.
+    asks = [(name, questions, None) for name, questions in sets.items()]
+    asks += [("held_out_no_abstain", sets["held_out"], 0.0)] if out_of_scope(example) else []
+    for name, questions, threshold in asks:
+        def asked(name: str = name, questions: list[dict] = questions, threshold: float | None = threshold) -> dict:
             if not loaded:
                 loaded.append(TemporalLoRA.from_pretrained(bundle))
             tl = loaded[0]
+            kept = tl.router_config.abstain_threshold
+            if threshold is not None:
+                tl.router_config.abstain_threshold = threshold
             chosen = taught(tl, data, questions) if name == "training" else questions
-            report = evaluate_answers(tl, chosen, work / name, arms=ARMS, max_new_tokens=settings.max_new_tokens)
-            return summary_of(report) | {"eval_seconds": report["timing"]["seconds"],
-                                         "generated": report["timing"]["generated"], "of_given": len(questions)}
+            try:
+                report = evaluate_answers(tl, chosen, work / name, arms=ARMS, max_new_tokens=settings.max_new_tokens)
+            finally:
+                tl.router_config.abstain_threshold = kept
+            return summary_of(report) | {"eval_seconds": report["timing"]["seconds"], "abstain_threshold": (
+                kept if threshold is None else threshold), "generated": report["timing"]["generated"],
+                                         "of_given": len(questions)}
         entry[name] = phases.run(f"{example}/{lever}/{name}", asked)
     return entry
 
@@ -223,15 +234,15 @@ def markdown(r: dict) -> str:
              "those whose conversation is in the bundle's training split. Routing: routed to the question's own "
              "department.", ""]
     for example, levers in r["examples"].items():
-        lines += [f"## {example}", "", "| lever | questions | n | routing | base | routed | oracle | "
-                  "F1 base | F1 routed | F1 oracle | eval s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"## {example}", "", "| lever | questions | n | routing | abstained | base | routed | oracle | "
+                  "F1 base | F1 routed | F1 oracle | eval s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for lever, entry in levers.items():
-            for name in ("held_out", "training", "off_topic"):
+            for name in ("held_out", "held_out_no_abstain", "training", "off_topic"):
                 e = entry.get(name)
                 if not e:
                     continue
                 fr, f1 = e["fact_recall"], e["token_f1"]
-                lines.append(f"| {lever} | {name} | {e['questions']} | {_pct(e['routing'])} | "
+                lines.append(f"| {lever} | {name} | {e['questions']} | {_pct(e['routing'])} | {_pct(e['abstained'])} | "
                              f"{_pct(fr.get('base'))} | {_pct(fr.get('routed'))} | {_pct(fr.get('oracle'))} | "
                              f"{_f1(f1.get('base'))} | {_f1(f1.get('routed'))} | {_f1(f1.get('oracle'))} | "
                              f"{e['eval_seconds']:.0f} |")

@@ -538,6 +538,7 @@ COMMANDS: dict[str, Command] = {
         arg("--limit", type=int, default=None, metavar="N", help="with --questions: only the first N questions"),
         arg("--no-grounding", action="store_true",
             help="with --questions: answer from the adapters alone, without the grounded domains' passages"),
+        THRESHOLD,
     )),
     "demo": Command("fetch, train (quick budget), evaluate and show samples", cmd_demo, (
         arg("--out", type=Path, default=Path("runs/demo")),
