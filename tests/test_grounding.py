@@ -283,3 +283,21 @@ def test_training_with_written_questions_runs_on_a_tiny_model(chat_llama, ground
                       config=cfg, progress=False, log=lines.append)
     assert sorted(tl.grounding) == ["hr", "it"]
     assert sum(line.startswith("grounding '") for line in lines) == 2
+
+
+def test_written_questions_train_and_become_passages(monkeypatch, tmp_path):
+    from temporal_lora import synthesis
+    from temporal_lora.train import grounding_index, load_domain_data, with_written_questions
+
+    folder = department(tmp_path, "it")
+    cfg = replace(grounded_config(), grounding_passages=2, synthetic_questions=4)
+    dd = load_domain_data("it", {"it": folder}, seed=0)
+    index = grounding_index(dd, cfg, user_data=True)
+    monkeypatch.setattr(synthesis, "complete", lambda model, tok, prompts: [
+        "Which VPN host do I connect to?" if "Sentence: The VPN host" in p else "Nothing?" for p in prompts])
+    more, bigger = with_written_questions(dd, index, cfg, None, None)
+    written = [c for c in more.conversations.train if c.id.startswith("synthesised:")]
+    assert [c.messages[0]["content"] for c in written] == ["Which VPN host do I connect to?"]
+    assert len(more.conversations.train) == len(dd.conversations.train) + 1
+    assert bigger.size == index.size + 1 and f"conversation:{written[0].id}" in {p.source for p in bigger.passages()}
+    assert with_written_questions(dd, index, grounded_config(), None, None) == (dd, index)  # nothing asked for

@@ -155,18 +155,22 @@ def ground_training(dd: DomainData, index: PassageIndex, cfg: TrainConfig, token
     return replace(dd, conversations=replace(dd.conversations, train=train))
 
 
-def with_written_questions(dd: DomainData, index: PassageIndex, cfg: TrainConfig, model, tokenizer) -> DomainData:
+def with_written_questions(dd: DomainData, index: PassageIndex, cfg: TrainConfig, model,
+                           tokenizer) -> tuple[DomainData, PassageIndex]:
     """A grounded domain's training conversations plus the questions the base model wrote from its
-    own data (`cfg.synthetic_questions`, `cfg.paraphrase_questions`; synthesis.py)."""
+    own data (`cfg.synthetic_questions`, `cfg.paraphrase_questions`; synthesis.py), and its index with
+    them as passages too: a written question is one more wording a user's question can match
+    (doc2query's idea)."""
     if dd.conversations is None or not (cfg.synthetic_questions or cfg.paraphrase_questions):
-        return dd
+        return dd, index
     train = list(dd.conversations.train)
     if cfg.paraphrase_questions:
         train += paraphrased_conversations(model, tokenizer, dd.conversations.train, index)
     if cfg.synthetic_questions:
         train += synthesised_conversations(model, tokenizer, index, dd.name, cfg.synthetic_questions,
                                            cfg.grounding_passages)
-    return replace(dd, conversations=replace(dd.conversations, train=train))
+    dd = replace(dd, conversations=replace(dd.conversations, train=train))
+    return dd, grounding_index(dd, replace(cfg, grounding="on"), True) or index
 
 
 def conversation_tokens(model, tokenizer) -> int:
@@ -508,9 +512,10 @@ def train_bundle(
     base_fp = fingerprint(model)
     spec = resolve_feature_spec(cfg.router.features, len(decoder_layers(model)))
     timing["load_base_model"] = time.perf_counter() - t0
-    for name, index in grounding.items():
+    for name, index in list(grounding.items()):
         before = len(datasets[name].conversations.train) if datasets[name].conversations else 0
-        dd = with_written_questions(datasets[name], index, cfg, model, tokenizer)
+        dd, index = with_written_questions(datasets[name], index, cfg, model, tokenizer)
+        grounding[name] = index
         datasets[name] = ground_training(dd, index, cfg, tokenizer, conversation_tokens(model, tokenizer))
         written = len(dd.conversations.train) - before if dd.conversations else 0
         run.log(f"grounding '{name}': {index.size} passages; its training answers see the top "

@@ -102,7 +102,7 @@ def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None,
         index = grounding_index(dd, replace(cfg, grounding_passages=k), data is not None)
     add.load_model(base)
     if index is not None:
-        dd = with_written_questions(dd, index, cfg, add.model, add.tokenizer)
+        dd, index = with_written_questions(dd, index, cfg, add.model, add.tokenizer)
         dd = ground_training(dd, index, replace(cfg, grounding_passages=k), add.tokenizer,
                              conversation_tokens(add.model, add.tokenizer))
     with add.timed("load_replay"):
