@@ -32,7 +32,7 @@ from pathlib import Path
 
 from benchmarks.common import Phases, check_recipe, hardware
 from benchmarks.flags import flag
-from temporal_lora.answers import evaluate_answers
+from temporal_lora.answers import evaluate_answers, num, pct
 from temporal_lora.cache import atomic_write_text
 from temporal_lora.config import budget_config
 from temporal_lora.conversations import (
@@ -217,14 +217,6 @@ def run(settings: AnswersSettings) -> dict:
     return out
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{x:.0%}"
-
-
-def _f1(x: float | None) -> str:
-    return "–" if x is None else f"{x:.3f}"
-
-
 def markdown(r: dict) -> str:
     s = r["settings"]
     lines = ["# Answers judged by their facts", "",
@@ -242,9 +234,9 @@ def markdown(r: dict) -> str:
                 if not e:
                     continue
                 fr, f1 = e["fact_recall"], e["token_f1"]
-                lines.append(f"| {lever} | {name} | {e['questions']} | {_pct(e['routing'])} | {_pct(e['abstained'])} | "
-                             f"{_pct(fr.get('base'))} | {_pct(fr.get('routed'))} | {_pct(fr.get('oracle'))} | "
-                             f"{_f1(f1.get('base'))} | {_f1(f1.get('routed'))} | {_f1(f1.get('oracle'))} | "
+                lines.append(f"| {lever} | {name} | {e['questions']} | {pct(e['routing'])} | {pct(e['abstained'])} | "
+                             f"{pct(fr.get('base'))} | {pct(fr.get('routed'))} | {pct(fr.get('oracle'))} | "
+                             f"{num(f1.get('base'))} | {num(f1.get('routed'))} | {num(f1.get('oracle'))} | "
                              f"{e['eval_seconds']:.0f} |")
         lines.append("")
     return "\n".join(lines) + "\n"

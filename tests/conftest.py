@@ -22,6 +22,22 @@ def tiny_gpt2(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def chat_llama(tiny_llama, tmp_path_factory) -> Path:
+    """The tiny random Llama with a chat template (conversations and grounded prompts need one)."""
+    import shutil
+
+    from support.serving import TINY_CHAT_TEMPLATE
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("chat-llama") / "model"
+    shutil.copytree(tiny_llama, folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_llama) -> Path:
     """A bundle trained end to end on real built-in corpora with a tiny random Llama."""
     from temporal_lora.train import train_bundle

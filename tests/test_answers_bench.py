@@ -59,7 +59,7 @@ def test_the_table_has_a_row_per_lever_and_question_set():
              "fact_recall": {"base": 0.0, "routed": 0.7, "oracle": 0.73}, "token_f1": {"base": 0.1}}
     md = bench.markdown({"settings": {"budget": "quick", "seed": 0, "max_new_tokens": 48, "hardware": "cpu"},
                          "examples": {"kestrel": {"grounded": {"train_seconds": 1, "held_out": entry}}}})
-    assert "| grounded | held_out | 30 | 90% | 0% | 0% | 70% | 73% | 0.100 | – | – | 12 |" in md
+    assert "| grounded | held_out | 30 | 90.0% | 0.0% | 0.0% | 70.0% | 73.0% | 0.100 | – | – | 12 |" in md
 
 
 def test_the_out_of_scope_training_texts_are_not_the_off_topic_test_questions():

@@ -116,21 +116,6 @@ def _write(path, rows):
 
 
 @pytest.fixture(scope="module")
-def chat_llama(tiny_llama, tmp_path_factory):
-    """The tiny random Llama with a chat template (conversations need one)."""
-    import shutil
-
-    from transformers import AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("chat-llama") / "model"
-    shutil.copytree(tiny_llama, folder)
-    tok = AutoTokenizer.from_pretrained(folder)
-    tok.chat_template = TINY_CHAT_TEMPLATE
-    tok.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def corpus_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("conv-data")
     return {"code": _write(root / "code.jsonl", _code_docs()),

@@ -8,7 +8,6 @@ from dataclasses import replace
 
 import pytest
 from support.departments import CONVERSATIONS, HANDBOOKS, department, grounded_config
-from support.serving import TINY_CHAT_TEMPLATE
 
 from temporal_lora.conversations import load_user_texts
 from temporal_lora.corpora import Document
@@ -114,18 +113,6 @@ def test_one_kind_of_documents_splits_exactly_as_before():
 
 
 # ------------------------------------------------------------------------------------------ a grounded bundle
-@pytest.fixture(scope="module")
-def chat_llama(tiny_llama, tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("chat-llama") / "model"
-    shutil.copytree(tiny_llama, folder)
-    tok = AutoTokenizer.from_pretrained(folder)
-    tok.chat_template = TINY_CHAT_TEMPLATE
-    tok.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def grounded_bundle(chat_llama, tmp_path_factory):
     from temporal_lora.train import train_bundle

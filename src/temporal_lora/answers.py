@@ -451,11 +451,13 @@ def _group(rows: list[dict], arms: list[str]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ the report
-def _pct(value: float | None) -> str:
+def pct(value: float | None) -> str:
+    """A share as a percentage with one decimal, '–' for none."""
     return "–" if value is None else f"{value:.1%}"
 
 
-def _num(value: float | None) -> str:
+def num(value: float | None) -> str:
+    """A score with three decimals, '–' for none."""
     return "–" if value is None else f"{value:.3f}"
 
 
@@ -472,9 +474,9 @@ def markdown_table(report: dict) -> str:
     head += [f"facts {a}" for a in arms] if show_facts else []
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for name, group in [*summary["by_domain"].items(), ("**overall**", summary["overall"])]:
-        cells = [name, str(group["questions"]), _pct(group["routing"]["accuracy"]), _pct(group["routing"]["abstained"])]
-        cells += [_num(group["arms"][a]["token_f1"]) for a in arms] if show_f1 else []
-        cells += [_pct(group["arms"][a]["fact_recall"]) for a in arms] if show_facts else []
+        cells = [name, str(group["questions"]), pct(group["routing"]["accuracy"]), pct(group["routing"]["abstained"])]
+        cells += [num(group["arms"][a]["token_f1"]) for a in arms] if show_f1 else []
+        cells += [pct(group["arms"][a]["fact_recall"]) for a in arms] if show_facts else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
