@@ -504,7 +504,7 @@ def train_bundle(
     t0 = time.perf_counter()
     datasets = {name: load_domain_data(name, data, cfg.seed) for name in domains}  # fail fast on bad corpora
     indexes = {name: grounding_index(dd, cfg, name in data) for name, dd in datasets.items()}
-    grounding = {name: index for name, index in indexes.items() if index is not None}
+    grounded = {name: index for name, index in indexes.items() if index is not None}
     timing["load_corpora"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -512,10 +512,10 @@ def train_bundle(
     base_fp = fingerprint(model)
     spec = resolve_feature_spec(cfg.router.features, len(decoder_layers(model)))
     timing["load_base_model"] = time.perf_counter() - t0
-    for name, index in list(grounding.items()):
+    for name, index in list(grounded.items()):
         before = len(datasets[name].conversations.train) if datasets[name].conversations else 0
         dd, index = with_written_questions(datasets[name], index, cfg, model, tokenizer)
-        grounding[name] = index
+        grounded[name] = index
         datasets[name] = ground_training(dd, index, cfg, tokenizer, conversation_tokens(model, tokenizer))
         written = len(dd.conversations.train) - before if dd.conversations else 0
         run.log(f"grounding '{name}': {index.size} passages; its training answers see the top "
@@ -585,7 +585,7 @@ def train_bundle(
                                    base_fingerprint=base_fp)
         tl.replay = replay
         tl.lexical, tl.lexical_replay = lexical.get("head"), lexical.get("rows")
-        tl.grounding, tl.grounding_passages = grounding, cfg.grounding_passages if grounding else 0
+        tl.grounding, tl.grounding_passages = grounded, cfg.grounding_passages if grounded else 0
         if cfg.router.abstain_auto:
             choose_abstain(tl, out_of_scope or [])
         t0 = time.perf_counter()
