@@ -120,6 +120,9 @@ def fit_router(features: dict[str, dict[str, torch.Tensor]], router_cfg: RouterC
         weights = torch.cat([torch.ones(n_replay), torch.full((int(sum(len(t) for t in user.values())),),
                                                               float(example_weight))])
     x, y = torch.cat(feats), torch.cat(labels)
+    # Seeded before the network is built: its initial weights must not depend on what drew random
+    # numbers before (adapter training), or the same rows would give another router in each recipe.
+    torch.manual_seed(seed)
     net = GatingNetwork(x.shape[1], len(features), router_cfg.hidden_dim)
     result = train_gating(net, x, y, torch.cat(cfeats), torch.cat(clabels), router_cfg, seed=seed, weights=weights)
     summary = {
