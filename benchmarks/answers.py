@@ -195,6 +195,25 @@ def run_lever(settings: AnswersSettings, phases: Phases, example: str, lever: st
     return entry
 
 
+def timed_eval(settings: AnswersSettings, work: Path, data: dict[str, Path], sets: dict[str, list[dict]]) -> dict:
+    """`tlora eval --questions` on 100 questions from nothing (a fresh answer cache), on the grounded
+    bundle: the held-out, training and off-topic questions, then the departments' question lists."""
+    import shutil
+
+    listed = [{"id": f"{d}:{i}", "question": line.strip(), "domain": d}
+              for d, folder in data.items()
+              for i, line in enumerate((folder / "questions.txt").read_text(encoding="utf-8").splitlines())
+              if line.strip()]
+    questions = (sets["held_out"] + sets["training"] + sets["off_topic"] + listed)[:100]
+    out = work / "eval-100"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    tl = TemporalLoRA.from_pretrained(work / "bundle")
+    report = evaluate_answers(tl, questions, out, arms=ARMS, max_new_tokens=settings.max_new_tokens)
+    return {"questions": len(questions), "arms": ARMS, "generated": report["timing"]["generated"],
+            "seconds_with_loading": round(time.perf_counter() - t0, 1), "seconds": report["timing"]["seconds"]}
+
+
 def run(settings: AnswersSettings) -> dict:
     settings.work.mkdir(parents=True, exist_ok=True)
     check_recipe(settings.work, {"budget": settings.budget, "seed": settings.seed,
@@ -206,6 +225,10 @@ def run(settings: AnswersSettings) -> dict:
             faq_example(settings.work / example, settings.seed)
         results[example] = {lever: run_lever(settings, phases, example, lever, data, domains, sets)
                             for lever in settings.levers}
+        if example == "kestrel" and "grounded" in settings.levers:
+            work = settings.work / example / "grounded"
+            results[example]["eval_100"] = phases.run(
+                f"{example}/eval-100", lambda work=work, data=data, sets=sets: timed_eval(settings, work, data, sets))
     out = {"settings": {"budget": settings.budget, "seed": settings.seed, "max_new_tokens": settings.max_new_tokens,
                         "arms": ARMS, "levers": LEVERS,
                         "hardware": hardware()},
@@ -229,6 +252,8 @@ def markdown(r: dict) -> str:
         lines += [f"## {example}", "", "| lever | questions | n | routing | abstained | base | routed | oracle | "
                   "F1 base | F1 routed | F1 oracle | eval s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for lever, entry in levers.items():
+            if lever == "eval_100":
+                continue
             for name in ("held_out", "held_out_no_abstain", "training", "off_topic"):
                 e = entry.get(name)
                 if not e:
@@ -239,5 +264,10 @@ def markdown(r: dict) -> str:
                              f"{num(f1.get('base'))} | {num(f1.get('routed'))} | {num(f1.get('oracle'))} | "
                              f"{e['eval_seconds']:.0f} |")
         lines.append("")
+        if "eval_100" in levers:
+            t = levers["eval_100"]
+            lines += [f"`tlora eval --questions` on {t['questions']} questions ({t['arms']}, {t['generated']} answers "
+                      f"generated, grounded bundle): {t['seconds']:.0f} s ({t['seconds_with_loading']:.0f} s with "
+                      "loading the bundle).", ""]
     return "\n".join(lines) + "\n"
 
