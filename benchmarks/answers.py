@@ -48,8 +48,9 @@ KESTREL = Path("examples/kestrel")
 DEPARTMENTS = ("hr", "it", "finance")
 # Each lever is a bundle trained with these settings over the budget's preset.
 LEVERS = {"adapters": {"grounding": "off"},
-          "grounded": {"grounding": "auto"},
+          "grounded": {"grounding": "auto", "synthetic_questions": 0, "paraphrase_questions": False},
           "grounded+written": {"grounding": "auto", "synthetic_questions": 64, "paraphrase_questions": True}}
+KEPT = "grounded+written"  # the default recipe (TrainConfig's defaults)
 ARMS = "base,routed,oracle"
 FAQ_TEST_FRAC = 0.4
 FAQ_DOMAINS = ("technical", "code", "legal")

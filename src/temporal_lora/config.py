@@ -99,11 +99,11 @@ class TrainConfig:
     """passages put into a grounded prompt"""
     passage_words: int = 80
     """about this many words per passage (a handbook is cut at headings, paragraphs, sentences)"""
-    synthetic_questions: int = 0
+    synthetic_questions: int = 64
     """grounded domains: up to this many questions written by the base model from the handbook's fact
-    sentences, answered by the sentence, each kept only when it finds its sentence's passage
-    (synthesis.py); 0: none"""
-    paraphrase_questions: bool = False
+    sentences, answered by the sentence, each kept only when it finds its sentence's passage; they
+    train the adapter and the router and join the passages (synthesis.py); 0: none"""
+    paraphrase_questions: bool = True
     """grounded domains: each training conversation once more with its question reworded by the base
     model, kept when it finds the same passage as the original (synthesis.py)"""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)

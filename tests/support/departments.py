@@ -78,5 +78,7 @@ def department(root, name, *, question_answer_lines=False):
 
 
 def grounded_config():
-    # Small passages: the tiny model's context is short.
-    return replace(tiny_config(), grounding_passages=1, passage_words=20)
+    # Small passages: the tiny model's context is short. No written questions: a tiny random model
+    # writes none worth keeping (tests that want them ask for them).
+    return replace(tiny_config(), grounding_passages=1, passage_words=20, synthetic_questions=0,
+                   paraphrase_questions=False)
