@@ -26,7 +26,6 @@ from temporal_lora.conversations import Conversation
 from temporal_lora.corpora import Document
 from temporal_lora.errors import BundleError
 
-INDEX_DIR = "grounding"
 # Words that carry no topic: a question's FTS5 query leaves them out (BM25 would weigh them low anyway,
 # but in a small handbook "do" or "the" can still decide between two passages).
 STOPWORDS = frozenset("""a about am an and any are as at be been but by can could did do does for from get got had
