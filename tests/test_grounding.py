@@ -175,6 +175,7 @@ def test_answers_are_grounded_and_cite_their_passages(grounded_bundle, tmp_path)
     assert "vpn.kestrel.example" in oracle["vpn"]["sources"][0]["text"]
     assert oracle["sick"]["sources"][0]["title"] == "Sick leave"
     assert "sources" not in report["questions"][0]["answers"]["base"]  # the base model is asked bare
+    assert "(cited: Remote access)" in (tmp_path / "a" / "answers.md").read_text()
     plain = evaluate_answers(tl, questions, tmp_path / "b", max_new_tokens=4, grounded=False, progress=False)
     assert plain["settings"]["grounded"] == []
     assert all("sources" not in r["answers"]["oracle"] for r in plain["questions"])

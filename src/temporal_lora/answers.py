@@ -14,6 +14,10 @@ template (the bare question where the base model has no template), greedy, by up
 - `routed:STYLE`, `oracle:STYLE`: the same with a style (plain, formal, auto, none, ...), in bundles
   with style adapters (routing/styles.py); plain `routed` and `oracle` use each domain's default style.
 
+In a bundle with grounded domains (grounding.py) the routed and oracle answers get the answering
+domain's passages in their prompt, as the server gives them, and the report keeps each answer's
+`sources`; `grounded=False` (`--no-grounding`) asks the adapters alone.
+
 Per arm, per domain and overall: fact recall (the share of questions with `facts` whose every fact
 regex occurs in the answer, ignoring case), token F1 against `answer` (SQuAD's), and for the
 router its accuracy on questions with a `domain` and how often it abstained.
@@ -281,7 +285,7 @@ def evaluate_answers(tl: TemporalLoRA, questions: str | Path | Sequence[dict], o
                                             strict=True):
                 # The answer is grounded in the passages of the domain that answers it (as served).
                 domain = None if arm.kind == "base" else qs[i].domain if arm.kind == "oracle" else \
-                    None if decisions[i].abstained else decisions[i].domain
+                    None if decisions[i].abstained or not decisions[i].domain else decisions[i].domain.split("/")[0]
                 prompt, hits = tl.grounded_chat([{"role": "user", "content": qs[i].question}],
                                                 domain if grounded else None, max_new_tokens) if chat \
                     else (qs[i].question, [])
@@ -508,7 +512,8 @@ def samples_markdown(report: dict, per_domain: int = SAMPLES_PER_DOMAIN) -> str:
                 score = [f"F1 {a['token_f1']:.2f}"] if "token_f1" in a else []
                 score += [f"facts {sum(a['facts_found'])}/{len(a['facts_found'])}"] if "facts_found" in a else []
                 label = f"{arm} (→ {routed})" if arm.startswith("routed") else arm
-                lines.append(f"- {label}{' [' + ', '.join(score) + ']' if score else ''}: {_one_line(a['text'])}")
+                cited = f" (cited: {'; '.join(h['title'] for h in a['sources'])})" if a.get("sources") else ""
+                lines.append(f"- {label}{' [' + ', '.join(score) + ']' if score else ''}: {_one_line(a['text'])}{cited}")
             parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
 
