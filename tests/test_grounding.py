@@ -92,6 +92,12 @@ def test_a_department_folder_mixes_handbook_conversations_and_question_lists(tmp
     assert ids["questions.txt:line-1"] == "Is there a bonus for referrals?" and len(
         [i for i in ids if i.startswith("questions.txt:")]) == 3
     assert "notes.txt" in ids  # a plain .txt is a document
+    from temporal_lora.corpora.user import is_question_list
+
+    prose = "Be kind.\nShare the kitchen.\nClean up after yourself.\n"
+    assert [is_question_list(tmp_path / n, prose) for n in ("faq-questions.txt", "requests.txt", "guidelines.txt",
+                                                             "Questions_2024.txt")] == [True, True, False, True]
+    assert is_question_list(tmp_path / "notes.txt", "Where is it?\nWho pays?\nWhen?\n")
     assert ids["more.jsonl:line-1"] == "Where is the staff canteen?"
     assert ids["more.jsonl:line-2"] == "Who signs my contract?"  # a question without an answer: a short text
     assert len(convs) == len(CONVERSATIONS["hr"]) and convs[0].id == "conversations.jsonl:hr-0"

@@ -52,7 +52,8 @@ def load_text_lines(file: Path, prefix: str = "") -> list[Document]:
 def is_question_list(file: Path, text: str) -> bool:
     """A .txt file of a folder that is a list of short texts rather than a document: its name says
     so (questions.txt, faq-questions.txt, requests.txt), or it has 3+ lines and most end with '?'."""
-    if any(word in file.stem.lower() for word in LIST_NAMES):
+    words = re.split(r"[^a-z0-9]+", file.stem.lower())  # 'faq-questions' yes, 'guidelines' no
+    if any(w.startswith(name) for w in words for name in LIST_NAMES):
         return True
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return len(lines) >= 3 and sum(line.endswith("?") for line in lines) >= 0.8 * len(lines)
