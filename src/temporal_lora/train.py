@@ -163,14 +163,13 @@ def with_written_questions(dd: DomainData, index: PassageIndex, cfg: TrainConfig
     (doc2query's idea)."""
     if dd.conversations is None or not (cfg.synthetic_questions or cfg.paraphrase_questions):
         return dd, index
-    train = list(dd.conversations.train)
-    if cfg.paraphrase_questions:
-        train += paraphrased_conversations(model, tokenizer, dd.conversations.train, index)
+    written = paraphrased_conversations(model, tokenizer, dd.conversations.train, index) \
+        if cfg.paraphrase_questions else []
     if cfg.synthetic_questions:
-        train += synthesised_conversations(model, tokenizer, index, dd.name, cfg.synthetic_questions,
-                                           cfg.grounding_passages)
-    dd = replace(dd, conversations=replace(dd.conversations, train=train))
-    return dd, grounding_index(dd, replace(cfg, grounding="on"), True) or index
+        written += synthesised_conversations(model, tokenizer, index, dd.name, cfg.synthetic_questions,
+                                             cfg.grounding_passages)
+    dd = replace(dd, conversations=replace(dd.conversations, train=[*dd.conversations.train, *written]))
+    return dd, PassageIndex.build(index.passages() + conversation_passages(written)) if written else index
 
 
 def conversation_tokens(model, tokenizer) -> int:

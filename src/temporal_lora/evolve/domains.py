@@ -99,12 +99,12 @@ def add_domain(bundle: str | Path, name: str, *, data: str | Path | None = None,
         # A bundle that grounds answers keeps its passages per prompt, so the new adapter trains on prompts
         # of the shape it will be served with.
         k = (manifest.get("grounding") or {}).get("passages") or cfg.grounding_passages
-        index = grounding_index(dd, replace(cfg, grounding_passages=k), data is not None)
+        grounded_cfg = replace(cfg, grounding_passages=k)
+        index = grounding_index(dd, grounded_cfg, data is not None)
     add.load_model(base)
     if index is not None:
-        dd, index = with_written_questions(dd, index, cfg, add.model, add.tokenizer)
-        dd = ground_training(dd, index, replace(cfg, grounding_passages=k), add.tokenizer,
-                             conversation_tokens(add.model, add.tokenizer))
+        dd, index = with_written_questions(dd, index, grounded_cfg, add.model, add.tokenizer)
+        dd = ground_training(dd, index, grounded_cfg, add.tokenizer, conversation_tokens(add.model, add.tokenizer))
     with add.timed("load_replay"):
         replay, lengths, rebuilt = _replay(bundle, manifest, add.model, add.tokenizer, bundle_train_config(manifest))
     if rebuilt:
